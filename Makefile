@@ -1,0 +1,32 @@
+# Two commands do all the set-up: `make train` and `make test` (each creates .venv on first use).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/vision/deit_tiny.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install train test lint bench clean
+
+install: $(VENV)/.installed
+
+# Reinstall whenever the declared dependencies or the tested pins change.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $@
+
+train: install
+	$(BIN)/zoo fit --config $(CONFIG)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/vision_throughput.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

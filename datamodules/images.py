@@ -1,0 +1,244 @@
+"""Image classification data: the embedded shapes set by default, an image-folder tree otherwise.
+
+Real data is a folder with one sub-folder per class, either split already
+(``root/train/<class>/*``, ``root/val/<class>/*``, optional ``root/test/<class>/*``) or not
+(``root/<class>/*``, split by ``val_fraction`` with a fixed seed). Problems with it (a missing
+path, an empty class folder, an unreadable image, a class count that disagrees with
+``num_classes``) are reported when the data module is built, before any training starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Subset
+from zoo.datamodules.shapes import COLOURS, SHAPES, ShapesDataset
+
+__all__ = ["ImageClassificationDataModule", "ImageFolderDataset"]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+NORMALIZE_MEAN = (0.5, 0.5, 0.5)
+NORMALIZE_STD = (0.5, 0.5, 0.5)
+
+
+def _class_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(
+            f"image folder {str(root)!r} has no class sub-folders (expected {root}/<class>/<image>)"
+        )
+    return folders
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(
+            f"class folder {str(folder)!r} contains no images (looked for {sorted(IMAGE_SUFFIXES)})"
+        )
+    return files
+
+
+def _verify_readable(path: Path) -> None:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"unreadable image {str(path)!r}: {error}") from error
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` as ``{"image", "label", "caption"}`` items; the caption is the class name."""
+
+    def __init__(self, root: str | Path, class_names: list[str] | None = None, transform=None, verify=True):
+        root = Path(root)
+        folders = _class_folders(root)
+        found = [f.name for f in folders]
+        if class_names is not None and found != class_names:
+            raise ValueError(
+                f"classes in {str(root)!r} are {found}, but the training split has {class_names}"
+            )
+        self.class_names = found
+        self.samples = [
+            (path, label) for label, folder in enumerate(folders) for path in _image_files(folder)
+        ]
+        if verify:
+            for path, _ in self.samples:
+                _verify_readable(path)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "label": label, "caption": self.class_names[label]}
+
+
+class _ShapesAugment:
+    """Light, label-preserving augmentation for tensors: a random shift (pad + crop) and a flip."""
+
+    def __init__(self, pad: int = 2) -> None:
+        self.pad = pad
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        _, h, w = image.shape
+        padded = torch.nn.functional.pad(image[None], [self.pad] * 4, mode="replicate")[0]
+        top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,)))
+        image = padded[:, top : top + h, left : left + w]
+        return image.flip(-1) if torch.rand(()) < 0.5 else image
+
+
+class _Normalize:
+    def __init__(self, augment=None) -> None:
+        self.augment = augment
+        self.mean = torch.tensor(NORMALIZE_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(NORMALIZE_STD).view(3, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.augment is not None:
+            image = self.augment(image)
+        return (image - self.mean) / self.std
+
+
+class ImageClassificationDataModule(LightningDataModule):
+    """Image batches ``{"image": (B, 3, H, W), "label": (B,), "caption": list[str]}``.
+
+    Args:
+        data_dir: an image-folder tree (see module docstring); ``None`` uses the embedded shapes.
+        image_size: side of the square images the model sees.
+        num_classes: the class count you expect; checked against the data when given.
+        train_size / val_size / test_size: number of embedded images per split.
+        val_fraction: share of an unsplit image folder held out for validation.
+        seed: fixes the embedded images and the folder split.
+        augment: random shift + flip (embedded) or timm's training transform (folders).
+        verify_images: open every image of a folder once at set-up, so a bad file is named
+            before training rather than crashing a worker hours in.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        image_size: int = 32,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        num_classes: int | None = None,
+        train_size: int = 8000,
+        val_size: int = 1000,
+        test_size: int = 1000,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        augment: bool = True,
+        verify_images: bool = True,
+    ) -> None:
+        super().__init__()
+        # num_classes is a check, not a setting: the model's value comes from `self.num_classes`.
+        self.save_hyperparameters(ignore=["num_classes"])
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.class_names = self._discover_classes()
+        if num_classes is not None and num_classes != len(self.class_names):
+            source = str(self.data_dir) if self.data_dir else "the embedded shapes set"
+            raise ValueError(
+                f"num_classes={num_classes} disagrees with the data: {source} has "
+                f"{len(self.class_names)} classes ({', '.join(self.class_names)})"
+            )
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Determined by the data; the CLI links it into the model's ``num_classes``."""
+        return len(self.class_names)
+
+    def _discover_classes(self) -> list[str]:
+        if self.data_dir is None:
+            return [f"{c} {s}" for s in SHAPES for c in COLOURS]
+        root = self.data_dir / "train" if (self.data_dir / "train").is_dir() else self.data_dir
+        return [f.name for f in _class_folders(root)]
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.data_dir is None:
+            self._setup_shapes()
+        else:
+            self._setup_folders()
+
+    def _setup_shapes(self) -> None:
+        hp = self.hparams
+        common = {"seed": hp.seed, "image_size": self.image_size}
+        train_transform = _Normalize(_ShapesAugment() if hp.augment else None)
+        self.train_set = ShapesDataset(hp.train_size, split="train", transform=train_transform, **common)
+        self.val_set = ShapesDataset(hp.val_size, split="val", transform=_Normalize(), **common)
+        self.test_set = ShapesDataset(hp.test_size, split="test", transform=_Normalize(), **common)
+
+    def _folder_transforms(self):
+        from timm.data import create_transform
+
+        common = {"input_size": self.image_size, "mean": NORMALIZE_MEAN, "std": NORMALIZE_STD}
+        train = create_transform(is_training=self.hparams.augment, **common)
+        return train, create_transform(is_training=False, **common)
+
+    def _setup_folders(self) -> None:
+        train_tf, eval_tf = self._folder_transforms()
+        root, verify = self.data_dir, self.hparams.verify_images
+        if (root / "train").is_dir():
+            self.train_set = ImageFolderDataset(root / "train", transform=train_tf, verify=verify)
+            names = self.train_set.class_names
+            val_root = root / "val" if (root / "val").is_dir() else None
+            if val_root is None:
+                raise FileNotFoundError(f"{str(root)!r} has a train/ folder but no val/ folder next to it")
+            self.val_set = ImageFolderDataset(val_root, names, transform=eval_tf, verify=verify)
+            test_root = root / "test"
+            self.test_set = (
+                ImageFolderDataset(test_root, names, transform=eval_tf, verify=verify)
+                if test_root.is_dir()
+                else self.val_set
+            )
+            return
+        full_train = ImageFolderDataset(root, transform=train_tf, verify=verify)
+        full_eval = ImageFolderDataset(root, transform=eval_tf, verify=False)
+        order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(self.hparams.seed))
+        n_val = max(1, round(len(order) * self.hparams.val_fraction))
+        if n_val >= len(order):
+            raise ValueError(f"{str(root)!r} has {len(order)} images: too few to hold out a validation split")
+        self.train_set = Subset(full_train, order[n_val:].tolist())
+        self.val_set = Subset(full_eval, order[:n_val].tolist())
+        self.test_set = self.val_set
+
+    # ------------------------------------------------------------ dataloaders
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

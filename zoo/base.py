@@ -1,0 +1,99 @@
+"""What every family's LightningModule shares, written once.
+
+Modelled on torchgeo's ``BaseTask``: a family subclass builds its networks in ``__init__``,
+declares its metrics in ``configure_metrics`` and its repeated blocks in ``sharding_units``;
+this class turns the optimizer and scheduler given in YAML into ``configure_optimizers``,
+keeps one metric collection per stage, and shards the model under FSDP2.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+
+from zoo.optim import WarmupCosineLR, apply_lr_scales, weight_decay_groups
+
+__all__ = ["STAGES", "ZooModule"]
+
+STAGES = ("train", "val", "test")
+
+
+class ZooModule(LightningModule):
+    """Base class: optimizer/scheduler from YAML, per-stage metrics, FSDP2 sharding.
+
+    Args:
+        optimizer: a callable taking parameter groups (from YAML: ``class_path: torch.optim.AdamW``
+            with ``init_args``). Groups without ``weight_decay`` get the optimizer's own value.
+        lr_scheduler: a callable taking the optimizer, stepped every optimizer step. A
+            ``WarmupCosineLR`` left with ``total_steps: null`` is fitted to the whole run.
+    """
+
+    #: Repeated block types (e.g. a transformer layer class). FSDP2 shards each instance as a
+    #: unit; ``FSDPStrategy`` / DeepSpeed configs read the same tuple for auto-wrap.
+    sharding_units: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.metrics = nn.ModuleDict()
+
+    # ----------------------------------------------------------------- metrics
+    def configure_metrics(self) -> MetricCollection | None:
+        """Return the metric collection to track; cloned once per stage (``train/``, ``val/``...)."""
+        return None
+
+    def setup_metrics(self) -> None:
+        """Call at the end of a subclass ``__init__``, once the metric arguments are known."""
+        template = self.configure_metrics()
+        if template is None:
+            return
+        for stage in STAGES:  # keyed "<stage>_metrics": "train" would clash with nn.Module.train
+            self.metrics[f"{stage}_metrics"] = template.clone(prefix=f"{stage}/")
+
+    def update_metrics(self, stage: str, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Update the stage's metrics and log them (epoch-level, synchronised across ranks)."""
+        key = f"{stage}_metrics"
+        if key not in self.metrics:
+            return
+        collection = self.metrics[key]
+        collection.update(preds, target)
+        self.log_dict(collection, on_step=False, on_epoch=True, sync_dist=True, prog_bar=stage == "val")
+
+    # --------------------------------------------------------------- optimizer
+    def parameter_groups(self) -> list[dict]:
+        """Parameter groups handed to the optimizer; override for layer-wise LR decay etc."""
+        return weight_decay_groups(self)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        apply_lr_scales(optimizer)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """Shard every ``sharding_units`` block, then the root, with FSDP2 under ``ModelParallelStrategy``."""
+        mesh = self.device_mesh
+        if mesh is None or not self.sharding_units:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+        for module in self.modules():
+            if isinstance(module, self.sharding_units):
+                fully_shard(module, mesh=dp_mesh)
+        fully_shard(self, mesh=dp_mesh)

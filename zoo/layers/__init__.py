@@ -1,0 +1,5 @@
+"""Building blocks shared by more than one family."""
+
+from zoo.layers.conv_stem import ConvStemPatchEmbed
+
+__all__ = ["ConvStemPatchEmbed"]

@@ -1,0 +1,89 @@
+"""The model registry: each runnable config with its task and parameter count.
+
+A registered model *is* its YAML file (``configs/<family>/<variant>.yaml``, shipped inside the
+package as ``zoo.configs``): the parameter count is measured by building the model from that
+file, with the same data-to-model links the CLI applies, on the meta device (no memory, no
+weights), so the table can never drift from what ``zoo fit`` trains.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["MODELS", "ModelEntry", "config_path", "list_models"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    config: str  # relative to the configs folder, e.g. "vision/deit_tiny.yaml"
+    task: str
+    description: str
+    parameters: int | None = field(default=None, compare=False)
+
+    @property
+    def config_path(self) -> Path:
+        return config_path(self.config)
+
+
+MODELS: tuple[ModelEntry, ...] = (
+    ModelEntry("vit_tiny", "vision/vit_tiny.yaml", "image-classification", "ViT-Ti/4 on 32 px images"),
+    ModelEntry(
+        "deit_tiny",
+        "vision/deit_tiny.yaml",
+        "image-classification",
+        "DeiT-Ti/8, the default `make train` job",
+    ),
+    ModelEntry(
+        "deit_tiny_distilled",
+        "vision/deit_tiny_distilled.yaml",
+        "image-classification",
+        "DeiT-Ti/8 with a distillation token; eval averages both heads",
+    ),
+    ModelEntry(
+        "swin_tiny", "vision/swin_tiny.yaml", "image-classification", "Swin-T, patch 2 / window 4 for 32 px"
+    ),
+    ModelEntry(
+        "vpt_shallow",
+        "vision/vpt_shallow.yaml",
+        "image-classification",
+        "VPT-shallow: prompts at the input only",
+    ),
+    ModelEntry(
+        "vpt_deep", "vision/vpt_deep.yaml", "image-classification", "VPT-deep: new prompts at every layer"
+    ),
+)
+
+
+def config_path(relative: str) -> Path:
+    """Absolute path of a config shipped in ``zoo.configs`` (works from a clone and from a wheel)."""
+    path = Path(str(resources.files("zoo.configs").joinpath(relative)))
+    if not path.is_file():
+        raise FileNotFoundError(f"config {relative!r} is not in {path.parent}")
+    return path
+
+
+@functools.cache
+def count_parameters(relative_config: str) -> int:
+    """Build the config's model as ``zoo fit`` would, on the meta device, and count its parameters."""
+    import torch
+
+    from zoo.cli import ZooCLI
+
+    with torch.device("meta"):
+        cli = ZooCLI(
+            args=["--config", str(config_path(relative_config)), "--trainer.logger=false"],
+            run=False,
+            save_config_callback=None,
+        )
+    return sum(p.numel() for p in cli.model.parameters())
+
+
+def list_models(with_parameters: bool = True) -> list[ModelEntry]:
+    """Every registered model; ``with_parameters`` measures each one's parameter count."""
+    if not with_parameters:
+        return list(MODELS)
+    return [ModelEntry(m.name, m.config, m.task, m.description, count_parameters(m.config)) for m in MODELS]
