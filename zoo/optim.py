@@ -8,35 +8,37 @@ that only timm's own schedulers read, and is silently ignored elsewhere).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["WarmupCosineLR", "apply_lr_scales", "weight_decay_groups"]
+__all__ = ["WarmupCosineLR", "apply_lr_scales", "layer_decay_groups", "weight_decay_groups"]
 
 
-def _skips_weight_decay(name: str, param: torch.Tensor, extra: set[str]) -> bool:
-    """Biases, norms, embeddings of shape (D,), and tokens a model lists in ``no_weight_decay``."""
-    return param.ndim <= 1 or name.endswith(".bias") or name in extra or name.split(".")[-1] in extra
+def _declared_no_weight_decay(model: nn.Module) -> set[str]:
+    """Full names of parameters that any submodule lists in timm's ``no_weight_decay()``."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            names.update(f"{prefix}.{name}" if prefix else name for name in module.no_weight_decay())
+    return names
 
 
 def weight_decay_groups(model: nn.Module) -> list[dict]:
     """Split trainable parameters into a decayed group and a ``weight_decay=0`` group.
 
-    The decayed group carries no ``weight_decay`` key, so the optimizer's own value (from YAML)
-    applies to it.
+    Biases, norm weights (every parameter of rank <= 1) and tokens a submodule lists in
+    ``no_weight_decay()`` (class/position embeddings in timm) are not decayed. The decayed group
+    carries no ``weight_decay`` key, so the optimizer's own value (from YAML) applies to it.
     """
-    no_decay_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    declared = _declared_no_weight_decay(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if _skips_weight_decay(name, param, no_decay_names) else decay).append(param)
-    groups = [{"params": decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        (no_decay if param.ndim <= 1 or name in declared else decay).append(param)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
@@ -49,9 +51,11 @@ def layer_decay_groups(model: nn.Module, layer_decay: float) -> list[dict]:
     from timm.optim import param_groups_layer_decay
 
     sentinel = 1.0
-    no_decay_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     groups = param_groups_layer_decay(
-        model, weight_decay=sentinel, no_weight_decay_list=no_decay_names, layer_decay=layer_decay
+        model,
+        weight_decay=sentinel,
+        no_weight_decay_list=_declared_no_weight_decay(model),
+        layer_decay=layer_decay,
     )
     for group in groups:
         if group.get("weight_decay") == sentinel:
@@ -116,7 +120,3 @@ class WarmupCosineLR(LRScheduler):
     def get_lr(self) -> list[float]:
         factor = self.lr_factor(max(self.last_epoch, 0))
         return [base_lr * factor for base_lr in self.base_lrs]
-
-
-def trainable_parameters(modules: Iterable[nn.Module]) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)

@@ -130,17 +130,27 @@ class ImageClassifier(ZooModule):
         return self.model.forward_head(features, pre_logits=pre_logits)
 
     def forward_heads(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(class_logits, distillation_logits)`` of a distilled DeiT, for distillation losses."""
+        """``(class_logits, distillation_logits)`` of a distilled DeiT, in train and eval mode alike."""
         if not self.is_distilled:
             raise TypeError(
                 f"{self.hparams.model_name!r} has no distillation token; use a deit_*_distilled_* model"
             )
-        self.model.set_distilled_training(True)
-        try:
-            features = self.model.forward_features(images)
-            return self.model.forward_head(features)
-        finally:
-            self.model.set_distilled_training(False)
+        tokens = self.model.forward_features(images)
+        return self.model.head(tokens[:, 0]), self.model.head_dist(tokens[:, 1])
+
+    def distillation_targets(self, batch: dict) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(student_logits, labels)`` for ``zoo.callbacks.Distillation`` (the interface in ``callbacks``).
+
+        Mixup/CutMix is applied here and written back into ``batch["image"]``, so the teacher sees the same
+        mixed images (DeiT's recipe); ``labels`` are then soft targets. A distilled DeiT returns
+        ``(class_logits, distillation_logits)``; any other model its logits.
+        """
+        images, labels = batch["image"], batch["label"]
+        if self.mixup is not None and len(labels) % 2 == 0:
+            images, labels = self.mixup(images, labels)
+            batch["image"] = images
+        logits = self.forward_heads(images) if self.is_distilled else self(images)
+        return logits, labels
 
     def parameter_groups(self) -> list[dict]:
         if self.hparams.layer_decay is None:
