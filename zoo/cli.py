@@ -46,11 +46,12 @@ class ZooCLI(LightningCLI):
 
     def _report_outputs(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
         lines = []
-        if trainer.log_dir:
-            lines.append(f"logs and config: {trainer.log_dir}")
+        if log_dir:
+            lines.append(f"logs and config: {log_dir}")
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None:
             best = getattr(checkpoint, "best_model_path", "") or getattr(checkpoint, "last_model_path", "")

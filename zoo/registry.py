@@ -35,7 +35,7 @@ MODELS: tuple[ModelEntry, ...] = (
         "deit_tiny",
         "vision/deit_tiny.yaml",
         "image-classification",
-        "DeiT-Ti/8, the default `make train` job",
+        "DeiT-Ti/8 with a conv stem, the default `make train` job",
     ),
     ModelEntry(
         "deit_tiny_distilled",

@@ -42,7 +42,9 @@ def test_prompt_counts_follow_shallow_and_deep():
 
 
 def test_backbone_stays_in_eval_mode_when_lightning_calls_train():
-    module = VisualPromptTuning(**{**VIT, "backbone_kwargs": {"depth": 2, "drop_path_rate": 0.5, "drop_rate": 0.5}})
+    module = VisualPromptTuning(
+        **{**VIT, "backbone_kwargs": {"depth": 2, "drop_path_rate": 0.5, "drop_rate": 0.5}}
+    )
     module.train()
     assert not module.network.backbone.training
     assert module.network.prompt_dropout.training
@@ -78,13 +80,15 @@ def test_swin_window_prompts_change_the_output_only_through_attention():
 
 def test_rejects_a_backbone_it_cannot_prompt():
     with pytest.raises(TypeError, match="VisionTransformer or SwinTransformer backbone, got ResNet"):
-        prompted_backbone(timm.create_model("resnet18"), num_classes=3, num_prompts=2, deep=False, dropout=0.0)
+        prompted_backbone(
+            timm.create_model("resnet18"), num_classes=3, num_prompts=2, deep=False, dropout=0.0
+        )
 
 
 def test_missing_backbone_files_fail_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.ckpt"):
         VisualPromptTuning(backbone_checkpoint=str(tmp_path / "nope.ckpt"))
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
         VisualPromptTuning(**VIT, backbone_weights=str(tmp_path / "nope.safetensors"))
 
 
