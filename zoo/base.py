@@ -60,6 +60,11 @@ class ZooModule(LightningModule):
         for stage in STAGES:  # keyed "<stage>_metrics": "train" would clash with nn.Module.train
             self.metrics[f"{stage}_metrics"] = template.clone(prefix=f"{stage}/")
 
+    def on_fit_start(self) -> None:
+        """Fresh metric states: ones made under ``inference_mode`` (an earlier ``validate``) can't be updated in fit."""
+        for collection in self.metrics.values():
+            collection.reset()
+
     def update_metrics(self, stage: str, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Update the stage's metrics and log them (epoch-level, synchronised across ranks)."""
         key = f"{stage}_metrics"

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 # Imported for their side effect: registering the zoo's classes so YAML can use short names.
 import zoo.callbacks
 import zoo.datamodules
+import zoo.protein
 import zoo.vision  # noqa: F401
 
 __all__ = ["DATA_TO_MODEL_LINKS", "ZooCLI", "main"]

@@ -55,6 +55,12 @@ MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         "vpt_deep", "vision/vpt_deep.yaml", "image-classification", "VPT-deep: new prompts at every layer"
     ),
+    ModelEntry(
+        "esm2_t6_8M",
+        "protein/esm2_t6_8M.yaml",
+        "masked-language-modelling",
+        "ESM-2 t6_8M (fair-esm compatible) on embedded synthetic proteins",
+    ),
 )
 
 

@@ -42,7 +42,9 @@ def test_datamodule_batches_and_metadata(tiny_image_data):
 
 
 def test_num_classes_that_disagrees_with_the_embedded_data():
-    with pytest.raises(ValueError, match="num_classes=10 disagrees with the data: the embedded shapes set has 12"):
+    with pytest.raises(
+        ValueError, match="num_classes=10 disagrees with the data: the embedded shapes set has 12"
+    ):
         ImageClassificationDataModule(num_classes=10)
 
 

@@ -138,7 +138,9 @@ class ImageClassifier(ZooModule):
         tokens = self.model.forward_features(images)
         return self.model.head(tokens[:, 0]), self.model.head_dist(tokens[:, 1])
 
-    def distillation_targets(self, batch: dict) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def distillation_targets(
+        self, batch: dict
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``(student_logits, labels)`` for ``zoo.callbacks.Distillation`` (the interface in ``callbacks``).
 
         Mixup/CutMix is applied here and written back into ``batch["image"]``, so the teacher sees the same

@@ -126,6 +126,7 @@ class VisualPromptTuning(ZooModule):
         return trainable / sum(p.numel() for p in self.parameters())
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         rank_zero_info(
             f"VPT trains {trainable:,} parameters ({100 * self.trainable_fraction:.2f}% of the model)"
