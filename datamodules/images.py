@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
+
 from zoo.datamodules.shapes import COLOURS, SHAPES, ShapesDataset
 
 __all__ = ["ImageClassificationDataModule", "ImageFolderDataset"]
