@@ -1,0 +1,54 @@
+"""``zoo.callbacks.EMA`` under DDP: two CPU processes (gloo) keep identical EMAs, equal to timm's reference."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from timm.utils.model_ema import ModelEmaV3
+
+from tests.callbacks.callback_testing import TinyClassifier, tiny_loader
+from zoo.callbacks import EMA
+
+pytestmark = pytest.mark.distributed
+
+
+class DumpEMA(Callback):
+    def __init__(self, directory, ema: EMA) -> None:
+        self.directory, self.ema = str(directory), ema
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        state = {"ema": dict(zip(self.ema.names, self.ema.ema)), "snapshots": pl_module.snapshots}
+        torch.save(state, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+def test_ddp_ranks_hold_the_same_ema(tmp_path):
+    L.seed_everything(0)
+    ema = EMA(decay=0.9, warmup=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=4,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ema, DumpEMA(tmp_path, ema)],
+    )
+    trainer.fit(TinyClassifier(), tiny_loader(n=128))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert len(ranks[0]["snapshots"]) == 4  # 4 optimizer steps, so 4 updates per rank
+    model = TinyClassifier()
+    reference = ModelEmaV3(model, decay=0.9, use_warmup=True)
+    for step, snapshot in enumerate(ranks[0]["snapshots"], start=1):
+        model.load_state_dict(snapshot)
+        reference.update(model, step=step)
+    for name, value in reference.module.state_dict().items():
+        if name.startswith("net.1.running") or name.endswith("num_batches_tracked"):
+            continue  # BatchNorm statistics are per rank under DDP (no SyncBatchNorm)
+        assert torch.equal(ranks[0]["ema"][name], ranks[1]["ema"][name]), name
+        assert torch.equal(ranks[0]["ema"][name], value), name
