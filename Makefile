@@ -25,8 +25,9 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
+# One script per question; each prints a table and writes benchmarks/results/<name>.json.
 bench: install
-	$(BIN)/python benchmarks/vision_throughput.py
+	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

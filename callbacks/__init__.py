@@ -20,13 +20,20 @@ Interfaces a LightningModule offers so these callbacks work on it (every zoo fam
 - ``module.sharding_units``: the repeated block types, for FSDP2 / auto-wrap.
 """
 
-from zoo.callbacks.distillation import Distillation, SelfDistillation, distillation_loss, load_teacher
+from zoo.callbacks.distillation import (
+    Distillation,
+    FeatureProjector,
+    SelfDistillation,
+    distillation_loss,
+    load_teacher,
+)
 from zoo.callbacks.ema import EMA, ema_decay
 from zoo.callbacks.monitoring import TrainingMonitor
 
 __all__ = [
     "EMA",
     "Distillation",
+    "FeatureProjector",
     "SelfDistillation",
     "TrainingMonitor",
     "distillation_loss",

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from zoo.callbacks.ema import EMA
 
-__all__ = ["Distillation", "SelfDistillation", "distillation_loss", "load_teacher"]
+__all__ = ["Distillation", "FeatureProjector", "SelfDistillation", "distillation_loss", "load_teacher"]
 
 Mode = Literal["soft", "hard", "deit"]
 
@@ -176,6 +176,10 @@ class _DistillationBase(Callback):
             loss, parts = distillation_loss(
                 student, labels, teacher, callback.mode, callback.alpha, callback.temperature
             )
+            extra = callback._extra_losses()
+            for name, value in extra.items():
+                loss = loss + value
+                parts[name] = value.detach()
             size = len(labels)
             module.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
             for name, value in parts.items():
@@ -184,6 +188,10 @@ class _DistillationBase(Callback):
 
         self._original_step = pl_module.__dict__.get("training_step")
         pl_module.training_step = types.MethodType(training_step, pl_module)
+
+    def _extra_losses(self) -> dict[str, Tensor]:
+        """Further weighted loss terms of the step (feature distillation), added to the total and logged."""
+        return {}
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore_step(pl_module)
@@ -199,8 +207,54 @@ class _DistillationBase(Callback):
             self._original_step = None
 
 
+def _feature_dim(module: nn.Module, name: str) -> int:
+    """The channel width a layer outputs: that of its last submodule that declares one."""
+    for sub in reversed(list(module.modules())):
+        for attribute in ("out_features", "out_channels", "normalized_shape", "embed_dim", "num_features"):
+            value = getattr(sub, attribute, None)
+            if isinstance(value, (tuple, list, torch.Size)) and value:
+                value = value[-1]
+            if isinstance(value, int):
+                return value
+    raise ValueError(
+        f"cannot tell the output width of layer {name!r} ({type(module).__name__}): name a layer that ends in a "
+        "Linear, Conv or norm layer (e.g. a transformer block)"
+    )
+
+
+def _first_tensor(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class FeatureProjector(nn.Module):
+    """A learned linear map from the student's feature width to the teacher's, on the channel dimension.
+
+    Channels are the last dimension of token features ``(B, N, C)`` / ``(B, C)``, and dimension 1 of
+    convolutional maps ``(B, C, H, W)`` (there it is a 1x1 convolution). FitNets' regressor.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(student_dim, teacher_dim)
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.ndim == 4:
+            return self.linear(features.movedim(1, -1)).movedim(-1, 1)
+        return self.linear(features)
+
+
 class Distillation(_DistillationBase):
     """Distil a fixed teacher into the student (Hinton soft targets, hard labels, or DeiT's token recipe).
+
+    Optionally also intermediate features (FitNets): for each ``student layer -> teacher layer`` pair in
+    ``feature_layers``, the student's output goes through a learned :class:`FeatureProjector` to the teacher's
+    width and an MSE against the teacher's output (same shape otherwise) is added with ``feature_weight``;
+    token sequences of different length (a distillation token in one model only) are compared on their
+    trailing, patch tokens.
+    The projectors belong to this callback, not to the student: their parameters join the student's first
+    optimizer as an extra parameter group (same hyper-parameters as its first group, following its LR
+    schedule), they are saved in this callback's checkpoint state and restored on resume, and the student's
+    own ``state_dict`` stays loadable without the callback. Under DDP their gradients are averaged across ranks.
 
     Args:
         teacher: the teacher's class path (e.g. ``zoo.vision.ImageClassifier``) or, from Python, a module.
@@ -211,6 +265,9 @@ class Distillation(_DistillationBase):
         alpha: weight of the distillation term; ``1 - alpha`` weights the task loss (DeiT's convention).
         temperature: softmax temperature of the ``soft`` term (scaled back by T^2).
         input_key: the batch entry the teacher is called on, for dict batches.
+        feature_layers: ``{student module name: teacher module name}`` (names as in ``named_modules()``, e.g.
+            ``{"model.blocks.1": "model.blocks.3"}``) for feature distillation; ``None`` disables it.
+        feature_weight: weight of the summed feature MSE terms.
     """
 
     def __init__(
@@ -222,17 +279,27 @@ class Distillation(_DistillationBase):
         alpha: float = 0.5,
         temperature: float = 1.0,
         input_key: str = "image",
+        feature_layers: dict[str, str] | None = None,
+        feature_weight: float = 1.0,
     ) -> None:
         super().__init__(mode, alpha, temperature, input_key)
         if teacher is None and teacher_checkpoint is None:
             raise ValueError(
                 "Distillation needs a teacher class path, a teacher module or a teacher checkpoint"
             )
+        if feature_weight < 0:
+            raise ValueError(f"distillation feature_weight must be >= 0, got {feature_weight}")
         self.teacher_spec, self.teacher_init_args, self.teacher_checkpoint = (
             teacher,
             teacher_init_args,
             teacher_checkpoint,
         )
+        self.feature_layers = dict(feature_layers or {})
+        self.feature_weight = feature_weight
+        self.projectors: nn.ModuleDict | None = None
+        self._pending_projectors: dict[str, Tensor] | None = None
+        self._captured: dict[tuple[str, str], Tensor] = {}
+        self._hooks: list[Any] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.teacher is None:  # load early: a bad path fails before training starts
@@ -241,12 +308,149 @@ class Distillation(_DistillationBase):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.teacher is not None
         self.teacher = self._prepare_teacher(trainer, pl_module, self.teacher)
+        if self.feature_layers:
+            self._setup_features(trainer, pl_module)
         super().on_fit_start(trainer, pl_module)
+
+    # ------------------------------------------------------------ feature distillation
+    def _layer(self, root: nn.Module, name: str, role: str) -> nn.Module:
+        try:
+            return root.get_submodule(name)
+        except AttributeError as error:
+            raise ValueError(
+                f"feature_layers names {role} layer {name!r}, which {type(root).__name__} does not have: {error}"
+            ) from error
+
+    def _setup_features(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Hooks on both models, projectors built (or reused) and added to the student's first optimizer.
+
+        Runs in ``on_fit_start``: after the optimizers exist and before Lightning loads their state on resume,
+        so a resumed optimizer finds the same parameter groups it saved.
+        """
+        assert self.teacher is not None
+        pairs = [
+            (s, t, self._layer(pl_module, s, "student"), self._layer(self.teacher, t, "teacher"))
+            for s, t in self.feature_layers.items()
+        ]
+        if self.projectors is None:
+            self.projectors = nn.ModuleDict(
+                {
+                    self._key(s): FeatureProjector(_feature_dim(sm, s), _feature_dim(tm, t))
+                    for s, t, sm, tm in pairs
+                }
+            )
+        self.projectors.to(pl_module.device)
+        if self._pending_projectors is not None:
+            self._load_projectors(self._pending_projectors)
+            self._pending_projectors = None
+        for s, _, student_layer, teacher_layer in pairs:
+            for role, layer in (("student", student_layer), ("teacher", teacher_layer)):
+                self._hooks.append(layer.register_forward_hook(self._capture(role, s)))
+        optimizer = trainer.optimizers[0]
+        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        group["params"] = list(self.projectors.parameters())
+        optimizer.add_param_group(group)
+        for config in trainer.lr_scheduler_configs:  # the new group follows the first group's schedule
+            scheduler = config.scheduler
+            if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs.append(scheduler.base_lrs[0])
+                if isinstance(getattr(scheduler, "lr_lambdas", None), list):
+                    scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+                if isinstance(getattr(scheduler, "_last_lr", None), list):
+                    scheduler._last_lr.append(scheduler._last_lr[0])
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")  # ModuleDict keys cannot contain dots
+
+    def _capture(self, role: str, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if role == "teacher" or module.training:  # the student's evaluation passes are not distilled
+                self._captured[(role, name)] = _first_tensor(output)
+
+        return hook
+
+    def _extra_losses(self) -> dict[str, Tensor]:
+        if not self.feature_layers:
+            return {}
+        assert self.projectors is not None
+        total = None
+        for name in self.feature_layers:
+            student = self._captured.pop(("student", name), None)
+            teacher = self._captured.pop(("teacher", name), None)
+            if student is None or teacher is None:
+                raise RuntimeError(
+                    f"feature layer {name!r} -> {self.feature_layers[name]!r} produced no output in this step; "
+                    "name layers that run in the model's forward"
+                )
+            projected = self.projectors[self._key(name)](student)
+            if projected.ndim == 3 and teacher.ndim == 3 and projected.shape[1] != teacher.shape[1]:
+                # Token sequences with different prefix tokens (DeiT's distillation token): timm puts the
+                # prefix first, so the trailing (patch) tokens are the ones that correspond.
+                n = min(projected.shape[1], teacher.shape[1])
+                projected, teacher = projected[:, -n:], teacher[:, -n:]
+            if projected.shape != teacher.shape:
+                raise ValueError(
+                    f"feature_layers {name!r} -> {self.feature_layers[name]!r}: projected student features have "
+                    f"shape {tuple(projected.shape)}, the teacher's {tuple(teacher.shape)}; pair layers whose "
+                    "outputs differ only in width"
+                )
+            term = F.mse_loss(projected.float(), teacher.float())
+            total = term if total is None else total + term
+        assert total is not None
+        return {"feature_loss": self.feature_weight * total}
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # The projectors sit outside the DDP wrapper: average their gradients as DDP does the student's.
+        if self.projectors is None or trainer.world_size == 1:
+            return
+        for parameter in self.projectors.parameters():
+            if parameter.grad is not None:
+                parameter.grad.copy_(trainer.strategy.reduce(parameter.grad, reduce_op="mean"))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._captured.clear()
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+        super().on_fit_end(trainer, pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+        super().on_exception(trainer, pl_module, exception)
+
+    # ------------------------------------------------------------ checkpoint
+    def _load_projectors(self, state: dict[str, Tensor]) -> None:
+        assert self.projectors is not None
+        with torch.no_grad():
+            for name, value in self.projectors.state_dict(keep_vars=True).items():
+                if name not in state:
+                    raise KeyError(f"the checkpoint's Distillation state has no projector weight {name!r}")
+                value.copy_(state[name])
 
     def state_dict(self) -> dict[str, Any]:
         # Identity only: the teacher's weights stay where they came from, never in the student's checkpoint.
         spec = self.teacher_spec if isinstance(self.teacher_spec, str) else type(self.teacher_spec).__name__
-        return {"teacher": spec, "teacher_checkpoint": self.teacher_checkpoint, "mode": self.mode}
+        state: dict[str, Any] = {
+            "teacher": spec,
+            "teacher_checkpoint": self.teacher_checkpoint,
+            "mode": self.mode,
+        }
+        if self.projectors is not None:
+            state["projectors"] = {k: v.detach().clone() for k, v in self.projectors.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        projectors = state_dict.get("projectors")
+        if projectors is None:
+            return
+        if self.projectors is None:  # built later, in on_fit_start
+            self._pending_projectors = dict(projectors)
+        else:  # strategies that restore after set-up (FSDP, DeepSpeed)
+            self._load_projectors(projectors)
 
 
 class SelfDistillation(_DistillationBase):

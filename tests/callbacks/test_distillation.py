@@ -169,3 +169,83 @@ def test_self_distillation_resumes_with_the_same_teacher(make_trainer, tmp_path)
         assert torch.equal(resumed.teacher.state_dict()[name], value), name
     for name, value in straight_student.state_dict().items():
         assert torch.equal(resumed_student.state_dict()[name], value), name
+
+
+# ------------------------------------------------------------------ feature distillation
+def feature_run(make_trainer, tmp_path, max_epochs, ckpt_path=None, name="features"):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(1)
+    teacher = TinyClassifier()
+    L.seed_everything(0)
+    student = TinyClassifier()
+    # Student Linear(8 -> 16) onto the teacher's logits layer Linear(16 -> 4): a 16 -> 4 projector.
+    callback = Distillation(teacher=teacher, feature_layers={"net.0": "net.3"}, feature_weight=0.5)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / name, save_last=True)
+    trainer = make_trainer(
+        max_epochs=max_epochs,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        callbacks=[callback, checkpoint],
+    )
+    trainer.fit(student, tiny_loader(n=32), ckpt_path=ckpt_path)
+    return trainer, student, callback, checkpoint
+
+
+def test_feature_projectors_reach_the_optimizer_and_stay_out_of_the_student(make_trainer, tmp_path):
+    trainer, student, callback, checkpoint = feature_run(make_trainer, tmp_path, max_epochs=1)
+    (projector,) = callback.projectors.values()
+    assert (projector.linear.in_features, projector.linear.out_features) == (16, 4)
+    optimizer = trainer.optimizers[0]
+    assert len(optimizer.param_groups) == 2
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == {id(p) for p in projector.parameters()}
+    assert all(id(p) in {id(q) for q in optimizer.state} for p in projector.parameters())  # stepped
+    assert trainer.callback_metrics["train/feature_loss"] > 0
+    assert not callback._hooks and "training_step" not in student.__dict__  # cleaned up after fit
+    saved = torch.load(checkpoint.last_model_path, weights_only=True)
+    assert saved["state_dict"].keys() == student.state_dict().keys()  # loadable without the callback
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("Distillation")]
+    for key, value in projector.state_dict().items():
+        assert torch.equal(state["projectors"][f"net__0.{key}"], value)
+
+
+def test_feature_distillation_resumes_exactly(make_trainer, tmp_path):
+    _, straight_student, straight, _ = feature_run(make_trainer, tmp_path, max_epochs=4, name="straight")
+    _, _, _, checkpoint = feature_run(make_trainer, tmp_path, max_epochs=2, name="half")
+    trainer, resumed_student, resumed, _ = feature_run(
+        make_trainer, tmp_path, 4, checkpoint.last_model_path, name="resumed"
+    )
+    assert trainer.global_step == 16
+    for name, value in straight.projectors.state_dict().items():
+        assert torch.equal(resumed.projectors.state_dict()[name], value), name
+    for name, value in straight_student.state_dict().items():
+        assert torch.equal(resumed_student.state_dict()[name], value), name
+
+
+def test_feature_distillation_on_deit_follows_the_schedule(make_trainer):
+    """A distillation-token student against a plain teacher: patch tokens are compared, lr is scheduled."""
+    L.seed_everything(0)
+    student = tiny_vit("deit_tiny_distilled_patch16_224")
+    teacher = ImageClassifier(
+        model_name="deit_tiny_patch16_224",
+        model_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2},
+        patch_size=8,
+    )
+    callback = Distillation(teacher=teacher, mode="deit", feature_layers={"model.blocks.0": "model.blocks.1"})
+    data = ImageClassificationDataModule(train_size=64, val_size=32, test_size=32, batch_size=16)
+    trainer = make_trainer(max_steps=3, limit_val_batches=0, callbacks=[callback])
+    trainer.fit(student, data)
+    (projector,) = callback.projectors.values()
+    assert (projector.linear.in_features, projector.linear.out_features) == (48, 64)
+    groups = trainer.optimizers[0].param_groups
+    assert groups[-1]["lr"] == groups[0]["lr"] != trainer.lr_scheduler_configs[0].scheduler.base_lrs[0]
+    assert trainer.callback_metrics["train/feature_loss"] > 0
+
+
+def test_feature_layer_names_are_checked(make_trainer):
+    callback = Distillation(teacher=TinyClassifier(), feature_layers={"net.9": "net.0"})
+    trainer = make_trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+    with pytest.raises(ValueError, match=r"student layer 'net\.9'"):
+        trainer.fit(TinyClassifier(), tiny_loader())
+    with pytest.raises(ValueError, match="feature_weight"):
+        Distillation(teacher=TinyClassifier(), feature_weight=-1.0)

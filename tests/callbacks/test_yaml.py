@@ -35,3 +35,47 @@ def test_callbacks_from_yaml(tmp_path):
     assert callbacks[EMA].warmup and callbacks[EMA].start_step == 10
     assert callbacks[Distillation].mode == "deit"
     assert callbacks[TrainingMonitor].action == "skip_step"
+
+
+def test_distilled_config_recipe_with_a_cli_trained_teacher(tmp_path):
+    """The recipe in deit_tiny_distilled.yaml's header: train a teacher with the CLI, then pass its checkpoint."""
+    tiny = [
+        "--data.init_args.train_size=32",
+        "--data.init_args.val_size=16",
+        "--data.init_args.test_size=16",
+        "--data.init_args.batch_size=16",
+        "--model.init_args.model_kwargs={depth: 1, embed_dim: 48, num_heads: 2}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    ZooCLI(
+        args=[
+            "fit",
+            "--config",
+            str(CONFIGS / "vision" / "deit_tiny.yaml"),
+            *tiny,
+            "--trainer.max_steps=1",
+            f"--trainer.default_root_dir={tmp_path / 'teacher'}",
+        ]
+    )
+    (teacher_checkpoint,) = (tmp_path / "teacher").rglob("last.ckpt")
+    cli = ZooCLI(
+        args=[
+            "fit",
+            "--config",
+            str(CONFIGS / "vision" / "deit_tiny_distilled.yaml"),
+            *tiny,
+            "--trainer.callbacks+=zoo.callbacks.Distillation",
+            f"--trainer.callbacks.teacher_checkpoint={teacher_checkpoint}",
+            "--trainer.callbacks.mode=deit",
+            "--trainer.callbacks.feature_layers={model.blocks.0: model.blocks.0}",
+            "--trainer.fast_dev_run=true",
+            f"--trainer.default_root_dir={tmp_path / 'student'}",
+        ]
+    )
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, Distillation)]
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert callback.teacher.hparams.model_name == "deit_tiny_patch16_224"
+    assert cli.model.hparams.model_name == "deit_tiny_distilled_patch16_224"
+    assert cli.trainer.callback_metrics["train/distill_loss"] > 0
+    assert cli.trainer.callback_metrics["train/feature_loss"] > 0
