@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from zoo.datamodules.shapes import COLOURS, SHAPES, ShapesDataset
+from zoo.datamodules.splits import SplitDataModule
 
 __all__ = ["ImageClassificationDataModule", "ImageFolderDataset"]
 
@@ -111,7 +111,7 @@ class _Normalize:
         return (image - self.mean) / self.std
 
 
-class ImageClassificationDataModule(LightningDataModule):
+class ImageClassificationDataModule(SplitDataModule):
     """Image batches ``{"image": (B, 3, H, W), "label": (B,), "caption": list[str]}``.
 
     Args:
@@ -231,15 +231,3 @@ class ImageClassificationDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.datamodules.splits import SplitDataModule
 from zoo.protein.alphabet import AMINO_ACIDS, Alphabet
 
 __all__ = ["ProteinDataModule", "ProteinRecord", "read_fasta", "synthetic_proteins"]
@@ -138,7 +138,7 @@ class ProteinCollate:
         return {"tokens": tokens, "ids": ids}
 
 
-class ProteinDataModule(LightningDataModule):
+class ProteinDataModule(SplitDataModule):
     """Batches ``{"tokens", "ids"}`` of ESM-tokenised proteins, split train/val/test by seed.
 
     Args:
@@ -206,15 +206,3 @@ class ProteinDataModule(LightningDataModule):
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
