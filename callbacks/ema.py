@@ -11,8 +11,9 @@ optimizer step; swap for validation and swap back before any checkpoint hook) an
   and validation uses the live weights until then;
 - one fused multi-tensor update (``torch._foreach_lerp_``) over all parameters and float buffers;
 - an optional CPU copy (``cpu=True``) to save accelerator memory;
-- DDP: every rank keeps the same EMA (tested); FSDP2: each rank averages its own shard (the local tensor
-  of each DTensor), but checkpointing a sharded EMA is not implemented yet (a warning says so);
+- DDP: every rank keeps the same EMA; FSDP2 (``fully_shard``): each rank averages only its own shard (the
+  local tensor of each DTensor), checkpoints hold the gathered full EMA, and a resumed run re-shards it
+  (Lightning's callback does not support sharded models, its PR #21414);
 - a checkpoint whose ``state_dict`` always holds the live weights (so resuming is exact and a checkpoint
   written during validation is never the swapped model) and whose callback state holds the EMA weights,
   restored bit for bit on resume; :meth:`EMA.export` writes a checkpoint carrying the EMA weights.
@@ -21,6 +22,7 @@ optimizer step; swap for validation and swap back before any checkpoint hook) an
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,39 @@ def _local(tensor: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2), the tensor itself otherwise: each rank averages its shard."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if to_local is not None else tensor
+
+
+@dataclass(frozen=True)
+class _ShardLayout:
+    """Where a local EMA shard sits in its full tensor (a DTensor's mesh, placements and global shape)."""
+
+    mesh: Any
+    placements: tuple
+    shape: torch.Size
+    stride: tuple[int, ...]
+    device: torch.device
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> _ShardLayout | None:
+        if not hasattr(tensor, "to_local"):
+            return None
+        return cls(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tensor.stride(), tensor.device)
+
+    def as_dtensor(self, shard: Tensor) -> Tensor:
+        from torch.distributed.tensor import DTensor
+
+        local = shard.to(self.device)
+        return DTensor.from_local(local, self.mesh, self.placements, shape=self.shape, stride=self.stride)
+
+    def gather(self, shard: Tensor) -> Tensor:
+        """The full tensor from every rank's shard (a collective: all ranks must call it)."""
+        return self.as_dtensor(shard).full_tensor()
+
+    def shard(self, full: Tensor) -> Tensor:
+        """This rank's shard of a full tensor."""
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(self.device), self.mesh, list(self.placements)).to_local()
 
 
 class EMA(Callback):
@@ -121,6 +156,7 @@ class EMA(Callback):
         self.ema: list[Tensor] = []  # aligned with self.names; float ones are averaged
         self.num_updates = 0
         self.last_update_step = -1  # trainer.global_step at the last update
+        self._layouts: list[_ShardLayout | None] = []  # for DTensor (FSDP2) entries: how to gather/shard
         self._float_index: list[int] = []
         self._other_index: list[int] = []
         self._pending: dict[str, Any] | None = None  # state loaded before the module was ready
@@ -151,13 +187,9 @@ class EMA(Callback):
             self.names = [name for name, _ in named]
             device = torch.device("cpu") if self.cpu else None
             self.ema = [_local(t.detach()).to(device=device, copy=True) for _, t in named]
+            self._layouts = [_ShardLayout.of(t) for _, t in named]
             self._float_index = [i for i, t in enumerate(self.ema) if t.is_floating_point()]
             self._other_index = [i for i, t in enumerate(self.ema) if not t.is_floating_point()]
-            if any(hasattr(t, "to_local") for _, t in named):
-                rank_zero_warn(
-                    "EMA under FSDP2: each rank averages its own shard, but the EMA state in checkpoints is "
-                    "not sharded yet, so resuming a sharded run restores the wrong EMA shards"
-                )
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
@@ -262,9 +294,12 @@ class EMA(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._pending is not None and not self.names:
             return dict(self._pending)
+        # Under FSDP2 the shards are gathered: every rank takes part (Lightning dumps the checkpoint on
+        # every rank), and the file holds the full EMA whatever the world size of the resumed run.
+        full = [t if layout is None else layout.gather(t) for t, layout in zip(self.ema, self._layouts)]
         return {
             "names": list(self.names),
-            "ema": [t.detach().clone().cpu() for t in self.ema],
+            "ema": [t.detach().clone().cpu() for t in full],
             "num_updates": self.num_updates,
             "last_update_step": self.last_update_step,
             "decay": self.decay,
@@ -286,7 +321,11 @@ class EMA(Callback):
                 f"EMA state in the checkpoint does not match the module: missing {missing[:5]}, "
                 f"unexpected {extra[:5]}"
             )
-        torch._foreach_copy_(self.ema, [t.to(e.device) for t, e in zip(state["ema"], self.ema)])
+        loaded = [
+            full if layout is None else layout.shard(full)
+            for full, layout in zip(state["ema"], self._layouts)
+        ]
+        torch._foreach_copy_(self.ema, [t.to(e.device) for t, e in zip(loaded, self.ema)])
         self.num_updates = int(state["num_updates"])
         self.last_update_step = int(state["last_update_step"])
 
@@ -297,9 +336,15 @@ class EMA(Callback):
         if self._backup is None:
             return
         state = checkpoint["state_dict"]
-        for name, live in zip(self.names, self._backup):
-            if name in state:
+        for name, live, layout in zip(self.names, self._backup, self._layouts):
+            if name not in state:
+                continue
+            if layout is None:
                 state[name] = live.clone()
+            elif hasattr(state[name], "to_local"):  # a sharded checkpoint keeps DTensors
+                state[name] = layout.as_dtensor(live.clone())
+            else:
+                state[name] = layout.gather(live)
 
     # ------------------------------------------------------------------- export
     @staticmethod
