@@ -1,14 +1,17 @@
 """LightningDataModules, installed as ``zoo.datamodules``; each has an embedded default dataset."""
 
 from zoo.datamodules.images import ImageClassificationDataModule, ImageFolderDataset
-from zoo.datamodules.protein import ProteinDataModule, read_fasta, synthetic_proteins
+from zoo.datamodules.protein_labels import ProteinLabelDataModule
+from zoo.datamodules.proteins import ProteinDataModule, TokenBudgetBatchSampler
 from zoo.datamodules.shapes import ShapesDataset
+from zoo.protein.fasta import read_fasta
 
 __all__ = [
     "ImageClassificationDataModule",
     "ImageFolderDataset",
     "ProteinDataModule",
+    "ProteinLabelDataModule",
     "ShapesDataset",
+    "TokenBudgetBatchSampler",
     "read_fasta",
-    "synthetic_proteins",
 ]

@@ -1,208 +1,391 @@
-"""Protein sequences for ESM-2: an embedded synthetic set by default, a FASTA file otherwise.
+"""Protein sequences for ESM-2: 2,086 real bacterial proteins by default, any FASTA file otherwise.
 
-The embedded set is generated from a seed (no download, identical on every machine): sequences
-from a sparse first-order Markov chain over the 20 amino acids, so a masked residue is partly
-predictable from its neighbours and masked-LM perplexity has room to fall well below the
-~20 of uniform guessing. It is a smoke-test and training-loop check, not biology.
+The embedded default ships inside the package (``zoo/protein/data``): the Prodigal proteome that
+pyhmmer (MIT) carries in its test data, so training needs no download (credits and the exact
+residue mapping in ``zoo/protein/data/README.md``). A user's FASTA file of any size is read through
+a byte-offset index (``zoo.protein.fasta.FastaIndex``) built once and cached, so workers
+random-access records instead of holding the file in memory.
 
-A FASTA file is parsed and validated at ``setup``: a file that is not FASTA, an empty record,
-a duplicate id or a character outside the ESM alphabet is reported with the file, the line
-and what was expected. A trailing ``*`` (stop) is dropped and lowercase is upper-cased.
+Bad records (a character outside the ESM alphabet, an empty sequence, a duplicate id, a header
+without an id) fail ``setup`` with the file, line and record named, or with ``on_invalid="skip"``
+are left out and counted. Records that are mostly ``X`` (assembly gaps, not protein) are left out by
+``max_unknown_fraction``. Splits are fixed by record id and seed (``split_by_id``), so they do not
+move when the file is reordered.
+
+Batches are ``{"tokens": (B, T) int64, "ids": [...]}`` (plus ``"contacts"`` (B, T-2, T-2), -1 where
+unknown, when contact maps are given), either ``batch_size`` sequences or, with ``max_tokens``,
+as many length-sorted sequences as fit in a padded token budget (``TokenBudgetBatchSampler``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from importlib import resources
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from zoo.datamodules.splits import SplitDataModule
-from zoo.protein.alphabet import AMINO_ACIDS, Alphabet
+from zoo.protein.alphabet import Alphabet
+from zoo.protein.fasta import OK, PROBLEM_NAMES, FastaIndex
 
-__all__ = ["ProteinDataModule", "ProteinRecord", "read_fasta", "synthetic_proteins"]
+__all__ = [
+    "ContactMaps",
+    "ProteinCollate",
+    "ProteinDataModule",
+    "ProteinDataset",
+    "TokenBudgetBatchSampler",
+    "embedded_fasta",
+    "split_by_id",
+]
+
+EMBEDDED_NAME = "938293.PRJEB85.HG003687.faa.gz"
 
 
-@dataclass(frozen=True)
-class ProteinRecord:
-    id: str
-    sequence: str
+def embedded_fasta() -> Path:
+    """Path of the embedded proteome (pyhmmer's test data, MIT) inside the installed package."""
+    return Path(str(resources.files("zoo.protein").joinpath("data", EMBEDDED_NAME)))
 
 
-def read_fasta(path: str | Path, alphabet: Alphabet | None = None) -> list[ProteinRecord]:
-    """Parse and validate a FASTA file; every problem names the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"FASTA file {str(path)!r} does not exist")
-    alphabet = alphabet or Alphabet()
-    allowed = set("".join(t for t in alphabet.all_toks if len(t) == 1))
-    records: list[ProteinRecord] = []
-    seen: dict[str, int] = {}
-    header: tuple[str, int] | None = None
-    chunks: list[str] = []
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: turns the id hashes into a seed-dependent, uniformly shuffled order."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
-    def finish() -> None:
-        if header is None:
-            return
-        name, line_no = header
-        sequence = "".join(chunks).rstrip("*")
-        if not sequence:
-            raise ValueError(f"{path}:{line_no}: record {name!r} has an empty sequence")
-        records.append(ProteinRecord(name, sequence))
 
-    with path.open("r", encoding="utf-8", errors="strict") as handle:
-        try:
-            lines = list(handle)
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not a text FASTA file ({error})") from error
-    for line_no, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        if line.startswith(">"):
-            finish()
-            name = line[1:].split(maxsplit=1)[0] if line[1:].strip() else ""
-            if not name:
-                raise ValueError(f"{path}:{line_no}: header without an id (expected '>id description')")
-            if name in seen:
-                raise ValueError(f"{path}:{line_no}: duplicate id {name!r} (first seen on line {seen[name]})")
-            seen[name] = line_no
-            header, chunks = (name, line_no), []
-            continue
-        if header is None:
-            raise ValueError(f"{path}:{line_no}: not a FASTA file (expected a '>' header line first)")
-        residues = line.upper()
-        body = residues.rstrip("*")
-        bad = next((i for i, c in enumerate(body) if c not in allowed), None)
-        if bad is not None:
-            raise ValueError(
-                f"{path}:{line_no}: record {header[0]!r} has {body[bad]!r} at column {bad + 1}, "
-                f"outside the ESM alphabet ({''.join(sorted(allowed))})"
+def split_by_id(
+    id_hash: np.ndarray, candidates: np.ndarray, seed: int, val_fraction: float, test_fraction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(train, val, test)`` record indices, each sorted in file order.
+
+    Records are ranked by a seeded hash of their id: the first ``val_fraction`` go to validation,
+    the next ``test_fraction`` to test. The split depends on the ids and the seed only, not on the
+    file's order, and exact counts are kept (at least one validation record).
+    """
+    n = len(candidates)
+    n_val = max(1, round(n * val_fraction))
+    n_test = round(n * test_fraction)
+    if n_val + n_test >= n:
+        raise ValueError(f"{n} sequences are too few to hold out {n_val} + {n_test} for val/test")
+    key = _mix64(id_hash[candidates] ^ _mix64(np.asarray([seed], dtype=np.uint64))[0])
+    ranked = candidates[np.argsort(key, kind="stable")]
+    val, test, train = ranked[:n_val], ranked[n_val : n_val + n_test], ranked[n_val + n_test :]
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+class ContactMaps:
+    """Residue contact maps keyed by record id: one ``.npz`` (an ``(L, L)`` array per id) or a folder of
+    ``<id>.npy`` files. 1 = contact, 0 = no contact, negative = unknown (ignored by the metric).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            self._ids = {p.stem for p in self.path.glob("*.npy")}
+        elif self.path.is_file():
+            try:
+                with np.load(self.path, allow_pickle=False) as archive:
+                    self._ids = set(archive.files)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{self.path}: not a readable .npz of contact maps ({error})") from error
+        else:
+            raise FileNotFoundError(
+                f"contact maps {str(self.path)!r} do not exist (.npz file or .npy folder)"
             )
-        chunks.append(residues)
-    finish()
-    if not records:
-        raise ValueError(f"{path}: no FASTA records found (expected '>id' header lines)")
-    return records
+        self._archive = None
 
+    def __contains__(self, record_id: str) -> bool:
+        return record_id in self._ids
 
-def synthetic_proteins(count: int, min_length: int, max_length: int, seed: int) -> list[ProteinRecord]:
-    """Deterministic Markov-chain proteins: each residue has a few likely successors."""
-    generator = torch.Generator().manual_seed(seed)
-    n = len(AMINO_ACIDS)
-    logits = torch.randn(n, n, generator=generator) * 3.0  # peaked rows: low-entropy transitions
-    transitions = logits.softmax(-1)
-    lengths = torch.randint(min_length, max_length + 1, (count,), generator=generator)
-    state = torch.randint(0, n, (count,), generator=generator)
-    columns = [state]
-    for _ in range(max_length - 1):  # all sequences step together: max_length draws, not sum(lengths)
-        state = torch.multinomial(transitions[state], 1, generator=generator).squeeze(1)
-        columns.append(state)
-    residues = torch.stack(columns, 1).tolist()
-    records = [
-        ProteinRecord(f"synthetic_{i}", "".join(AMINO_ACIDS[j] for j in row[: int(lengths[i])]))
-        for i, row in enumerate(residues)
-    ]
-    return records
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_archive": None}  # reopened lazily in each worker
+
+    def get(self, record_id: str, length: int) -> np.ndarray | None:
+        """The ``(length, length)`` map of ``record_id`` as int8, or ``None`` if the record has none."""
+        if record_id not in self._ids:
+            return None
+        if self.path.is_dir():
+            array = np.load(self.path / f"{record_id}.npy", allow_pickle=False)
+        else:
+            if self._archive is None:
+                self._archive = np.load(self.path, allow_pickle=False)
+            array = self._archive[record_id]
+        if array.shape != (length, length):
+            raise ValueError(
+                f"{self.path}: contact map of {record_id!r} has shape {array.shape}, "
+                f"expected ({length}, {length}) for its {length} residues"
+            )
+        return np.where(array < 0, -1, array != 0).astype(np.int8)
 
 
 class ProteinDataset(Dataset):
-    """Records, randomly cropped to ``max_length`` residues when ``crop`` (else the first ones)."""
+    """Records of a ``FastaIndex``; sequences longer than ``max_length`` are cropped at a random
+    window when ``crop`` (training), else to their first ``max_length`` residues (evaluation)."""
 
-    def __init__(self, records: list[ProteinRecord], max_length: int, crop: bool) -> None:
-        self.records = records
+    def __init__(
+        self,
+        index: FastaIndex,
+        records: np.ndarray,
+        max_length: int,
+        crop: bool,
+        contacts: ContactMaps | None = None,
+    ) -> None:
+        self.index = index
+        self.records = np.asarray(records, dtype=np.int64)
         self.max_length = max_length
         self.crop = crop
+        self.contacts = contacts
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[str, str]:
-        record = self.records[index]
-        sequence = record.sequence
-        if len(sequence) > self.max_length:
-            start = int(torch.randint(0, len(sequence) - self.max_length + 1, (1,))) if self.crop else 0
+    def token_lengths(self) -> np.ndarray:
+        """Tokens per item after cropping, ``<cls>``/``<eos>`` included (for token-budget batching)."""
+        return np.minimum(self.index.length[self.records], self.max_length) + 2
+
+    def __getitem__(self, item: int) -> dict:
+        record = int(self.records[item])
+        record_id, sequence = self.index.record_id(record), self.index.sequence(record)
+        start, length = 0, len(sequence)
+        if length > self.max_length:
+            if self.crop:
+                start = int(torch.randint(0, length - self.max_length + 1, (1,)))
             sequence = sequence[start : start + self.max_length]
-        return record.id, sequence
+        example = {"id": record_id, "sequence": sequence}
+        if self.contacts is not None:
+            contacts = self.contacts.get(record_id, length)
+            if contacts is not None:
+                end = start + len(sequence)
+                example["contacts"] = contacts[start:end, start:end]
+        return example
 
 
 class ProteinCollate:
-    """``[(id, sequence)]`` -> ``{"tokens": (B, T) int64, "ids": list[str]}``."""
+    """Examples -> ``{"tokens": (B, T), "ids"}``, plus ``"contacts"`` (B, T-2, T-2) padded with -1."""
 
     def __init__(self, alphabet: Alphabet) -> None:
         self.converter = alphabet.get_batch_converter()
 
-    def __call__(self, batch: list[tuple[str, str]]) -> dict:
-        ids, _, tokens = self.converter(batch)
-        return {"tokens": tokens, "ids": ids}
+    def __call__(self, examples: list[dict]) -> dict:
+        ids, _, tokens = self.converter([(e["id"], e["sequence"]) for e in examples])
+        batch = {"tokens": tokens, "ids": ids}
+        if any("contacts" in e for e in examples):
+            width = tokens.shape[1] - 2
+            contacts = torch.full((len(examples), width, width), -1, dtype=torch.int8)
+            for row, example in enumerate(examples):
+                if "contacts" in example:
+                    n = len(example["contacts"])
+                    contacts[row, :n, :n] = torch.from_numpy(np.ascontiguousarray(example["contacts"]))
+            batch["contacts"] = contacts
+        return batch
 
 
-class ProteinDataModule(SplitDataModule):
-    """Batches ``{"tokens", "ids"}`` of ESM-tokenised proteins, split train/val/test by seed.
+class TokenBudgetBatchSampler(BatchSampler):
+    """Length-sorted batches whose padded size (``count x longest``) stays within ``max_tokens``.
+
+    Each epoch, items are shuffled, stably sorted by length and cut greedily into batches; the batch
+    order is shuffled too (``shuffle=True``). Only ties change from epoch to epoch, so the number of
+    batches is fixed, which Lightning's epoch length and schedulers rely on.
+
+    Distributed runs: Lightning re-creates this sampler with a ``DistributedSampler`` as ``sampler``;
+    its rank, world size and epoch (``set_epoch`` is called on it every epoch) are used, every rank
+    builds the same global plan and takes every ``world``-th batch, the plan padded by repeating
+    batches so that every rank runs the same number of steps. Its own index order is not used.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        lengths: np.ndarray,
+        max_tokens: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        self.sampler = sampler
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if max_tokens < int(self.lengths.max(initial=0)):
+            raise ValueError(
+                f"max_tokens={max_tokens} is smaller than the longest sequence "
+                f"({int(self.lengths.max())} tokens): raise max_tokens or lower max_length"
+            )
+        self.max_tokens = max_tokens
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last  # accepted for Lightning's re-instantiation; every item is used
+        self._count: int | None = None
+
+    def _placement(self) -> tuple[int, int, int]:
+        """``(epoch, rank, world)`` from a (Lightning-injected) distributed sampler, else one process."""
+        if isinstance(self.sampler, DistributedSampler):
+            return self.sampler.epoch, self.sampler.rank, self.sampler.num_replicas
+        return 0, 0, 1
+
+    def _cut(self, sorted_lengths: np.ndarray) -> list[tuple[int, int]]:
+        """Greedy ``[start, end)`` spans over ascending lengths: the last item is each span's longest."""
+        spans, start, n = [], 0, len(sorted_lengths)
+        while start < n:
+            window = sorted_lengths[start : start + max(1, self.max_tokens // int(sorted_lengths[start]))]
+            fits = np.arange(1, len(window) + 1) * window <= self.max_tokens
+            size = len(window) if fits.all() else max(1, int(np.argmin(fits)))
+            spans.append((start, start + size))
+            start += size
+        return spans
+
+    def _plan(self) -> list[list[int]]:
+        epoch, rank, world = self._placement()
+        generator = np.random.default_rng([self.seed, epoch])
+        order = generator.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        order = order[np.argsort(self.lengths[order], kind="stable")]
+        batches = [order[a:b].tolist() for a, b in self._cut(self.lengths[order])]
+        if self.shuffle:
+            batches = [batches[i] for i in generator.permutation(len(batches))]
+        if world > 1 and batches:
+            batches += batches[: (-len(batches)) % world]
+            batches = batches[rank::world]
+        return batches
+
+    def __iter__(self):
+        yield from self._plan()
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = len(self._cut(np.sort(self.lengths)))
+        _, _, world = self._placement()
+        return -(-self._count // world)
+
+
+class ProteinLoaders(SplitDataModule):
+    """Data loaders shared by the protein data modules: fixed ``batch_size`` or a ``max_tokens`` budget."""
+
+    collate: object
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        common = {"collate_fn": self.collate, "num_workers": hp.num_workers}
+        common["persistent_workers"] = hp.num_workers > 0
+        if hp.max_tokens is None:
+            return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, **common)
+        # a DistributedSampler over one process still receives Lightning's set_epoch calls
+        epochs = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False, seed=hp.seed)
+        sampler = TokenBudgetBatchSampler(epochs, dataset.token_lengths(), hp.max_tokens, shuffle, hp.seed)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+
+
+def select_records(
+    index: FastaIndex, on_invalid: str, max_unknown_fraction: float
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Indices of the usable records, and how many were left out for each reason.
+
+    ``on_invalid="error"`` raises on the first bad record (the message names file, line and record,
+    and says how many more there are); ``"skip"`` leaves them out.
+    """
+    bad = index.status != OK
+    skipped: Counter = Counter()
+    if bad.any():
+        if on_invalid == "error":
+            first = index.problems(limit=1)[0]
+            more = int(bad.sum()) - 1
+            hint = f" ({more} more bad records; on_invalid='skip' leaves them out)" if more else ""
+            raise ValueError(first.message + hint)
+        for code, count in zip(*np.unique(index.status[bad], return_counts=True)):
+            skipped[PROBLEM_NAMES[int(code)]] = int(count)
+    unknown = ~bad & (index.unknown > max_unknown_fraction * index.length)
+    if unknown.any():
+        skipped[f"more than {max_unknown_fraction:.0%} X"] = int(unknown.sum())
+    return np.flatnonzero(~bad & ~unknown), dict(skipped)
+
+
+class ProteinDataModule(ProteinLoaders):
+    """ESM-tokenised proteins for masked-LM training, split train/val/test by id and seed.
 
     Args:
-        fasta: a FASTA file; ``None`` uses the embedded synthetic set.
-        num_sequences / min_length / max_length_synthetic: size of the synthetic set.
-        max_length: residues per sequence seen by the model (longer ones are randomly cropped in
-            training, cut at the start in evaluation); 1022 matches the published models.
-        val_fraction / test_fraction: shares held out, chosen by ``seed``.
+        fasta: a FASTA file (plain or gzip); ``None`` uses the embedded real proteins.
+        batch_size: sequences per batch, when ``max_tokens`` is not set.
+        max_tokens: padded tokens per batch (``<cls>``/``<eos>`` included); replaces ``batch_size``.
+        max_length: residues seen by the model; longer sequences are randomly cropped in training and
+            cut to their start in evaluation. 1022 (+2 specials) as the published models.
+        val_fraction / test_fraction / seed: the split (``split_by_id``).
+        on_invalid: ``"error"`` (default) or ``"skip"`` bad records, with a count.
+        max_unknown_fraction: records with more ``X`` than this share are left out (counted).
+        contacts: contact maps for evaluation (``.npz`` keyed by id or a folder of ``<id>.npy``);
+            validation then reports contact precision.
+        index_dir: where the FASTA index is cached (default: beside the file, else ~/.cache).
+        predict_split: which records ``predict`` runs on; ``"all"`` is every usable record.
     """
 
     def __init__(
         self,
         fasta: str | None = None,
         batch_size: int = 32,
+        max_tokens: int | None = None,
         max_length: int = 1022,
-        num_sequences: int = 2000,
-        min_length: int = 40,
-        max_length_synthetic: int = 120,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         seed: int = 0,
+        on_invalid: Literal["error", "skip"] = "error",
+        max_unknown_fraction: float = 0.5,
+        contacts: str | None = None,
+        index_dir: str | None = None,
+        predict_split: Literal["all", "train", "val", "test"] = "all",
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if max_tokens is not None and max_tokens < max_length + 2:
+            raise ValueError(f"max_tokens={max_tokens} must be >= max_length + 2 = {max_length + 2}")
         if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ValueError(f"bad split fractions: val={val_fraction}, test={test_fraction}")
+        if on_invalid not in ("error", "skip"):
+            raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
         if fasta is not None and not Path(fasta).is_file():
             raise FileNotFoundError(f"FASTA file {fasta!r} does not exist")
+        if contacts is not None and not Path(contacts).exists():
+            raise FileNotFoundError(f"contact maps {contacts!r} do not exist")
         self.alphabet = Alphabet()
         self.collate = ProteinCollate(self.alphabet)
-        self.records: list[ProteinRecord] | None = None
-        self.train_set = self.val_set = self.test_set = None
+        self.index: FastaIndex | None = None
+        self.skipped: dict[str, int] = {}
+        self.predict_set: ProteinDataset | None = None
+
+    @property
+    def source(self) -> Path:
+        return Path(self.hparams.fasta) if self.hparams.fasta is not None else embedded_fasta()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.records is not None:
+        if self.index is not None:
             return
         hp = self.hparams
-        if hp.fasta is None:
-            records = synthetic_proteins(hp.num_sequences, hp.min_length, hp.max_length_synthetic, hp.seed)
-        else:
-            records = read_fasta(hp.fasta, self.alphabet)
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-        n_val = max(1, round(len(records) * hp.val_fraction))
-        n_test = round(len(records) * hp.test_fraction)
-        if n_val + n_test >= len(records):
-            raise ValueError(
-                f"{len(records)} sequences are too few to hold out {n_val} + {n_test} for val/test"
-            )
-        pick = [records[i] for i in order]
-        self.records = records
-        self.val_set = ProteinDataset(pick[:n_val], hp.max_length, crop=False)
-        test = pick[n_val : n_val + n_test]
-        self.test_set = ProteinDataset(test, hp.max_length, crop=False) if test else self.val_set
-        self.train_set = ProteinDataset(pick[n_val + n_test :], hp.max_length, crop=True)
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collate,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+        index = FastaIndex.open(self.source, hp.index_dir)
+        usable, self.skipped = select_records(index, hp.on_invalid, hp.max_unknown_fraction)
+        if self.skipped:
+            counts = ", ".join(f"{n} {why}" for why, n in self.skipped.items())
+            rank_zero_info(f"{self.source}: left out {sum(self.skipped.values())} records ({counts})")
+        if len(usable) == 0:
+            raise ValueError(f"{self.source}: no usable records left")
+        train, val, test = split_by_id(index.id_hash, usable, hp.seed, hp.val_fraction, hp.test_fraction)
+        contacts = ContactMaps(hp.contacts) if hp.contacts is not None else None
+        if contacts is not None and not any(index.record_id(int(i)) in contacts for i in val):
+            rank_zero_info(f"{hp.contacts}: no validation record has a contact map")
+        self.train_set = ProteinDataset(index, train, hp.max_length, crop=True)
+        self.val_set = ProteinDataset(index, val, hp.max_length, crop=False, contacts=contacts)
+        self.test_set = (
+            ProteinDataset(index, test, hp.max_length, crop=False, contacts=contacts)
+            if len(test)
+            else self.val_set
         )
+        chosen = {"all": usable, "train": train, "val": val, "test": test}[hp.predict_split]
+        self.predict_set = ProteinDataset(index, chosen, hp.max_length, crop=False)
+        self.index = index
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set, shuffle=False)

@@ -59,7 +59,49 @@ MODELS: tuple[ModelEntry, ...] = (
         "esm2_t6_8M",
         "protein/esm2_t6_8M.yaml",
         "masked-language-modelling",
-        "ESM-2 t6_8M (fair-esm compatible) on embedded synthetic proteins",
+        "ESM-2 t6_8M (fair-esm compatible) on the embedded real proteins",
+    ),
+    ModelEntry(
+        "esm2_t6_8M_membrane",
+        "protein/esm2_t6_8M_membrane.yaml",
+        "sequence-classification",
+        "ESM-2 t6_8M + head (LoRA optional): membrane vs soluble proteins",
+    ),
+    ModelEntry(
+        "esm2_t6_8M_UR50D",
+        "protein/sizes/esm2_t6_8M_UR50D.yaml",
+        "masked-language-modelling",
+        "ESM-2 t6_8M as published, pre-training recipe (GPU clusters; built, not run, by tests)",
+    ),
+    ModelEntry(
+        "esm2_t12_35M_UR50D",
+        "protein/sizes/esm2_t12_35M_UR50D.yaml",
+        "masked-language-modelling",
+        "ESM-2 t12_35M as published, pre-training recipe (GPU clusters; built, not run, by tests)",
+    ),
+    ModelEntry(
+        "esm2_t30_150M_UR50D",
+        "protein/sizes/esm2_t30_150M_UR50D.yaml",
+        "masked-language-modelling",
+        "ESM-2 t30_150M as published, pre-training recipe (GPU clusters; built, not run, by tests)",
+    ),
+    ModelEntry(
+        "esm2_t33_650M_UR50D",
+        "protein/sizes/esm2_t33_650M_UR50D.yaml",
+        "masked-language-modelling",
+        "ESM-2 t33_650M as published, pre-training recipe (GPU clusters; built, not run, by tests)",
+    ),
+    ModelEntry(
+        "esm2_t36_3B_UR50D",
+        "protein/sizes/esm2_t36_3B_UR50D.yaml",
+        "masked-language-modelling",
+        "ESM-2 t36_3B as published, pre-training recipe (GPU clusters; built, not run, by tests)",
+    ),
+    ModelEntry(
+        "esm2_t48_15B_UR50D",
+        "protein/sizes/esm2_t48_15B_UR50D.yaml",
+        "masked-language-modelling",
+        "ESM-2 t48_15B as published, pre-training recipe (GPU clusters; built, not run, by tests)",
     ),
 )
 

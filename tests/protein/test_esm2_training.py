@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from zoo.datamodules.protein import ProteinDataModule
+from zoo.datamodules.proteins import ProteinDataModule
 from zoo.protein import Alphabet, ESM2MaskedLM, mask_tokens
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "protein" / "esm2_t6_8M.yaml"
@@ -41,7 +41,7 @@ def test_at_least_one_position_is_masked():
 
 def test_fit_and_validate_tiny(tmp_path):
     model = ESM2MaskedLM(**TINY)
-    data = ProteinDataModule(batch_size=8, num_sequences=48, min_length=10, max_length_synthetic=30)
+    data = ProteinDataModule(batch_size=8, max_length=30)
     trainer = Trainer(
         max_epochs=1,
         limit_train_batches=3,
@@ -81,8 +81,8 @@ def test_config_runs_through_zoo_cli(tmp_path):
             "--model.init_args.num_layers=1",
             "--model.init_args.embed_dim=32",
             "--model.init_args.attention_heads=2",
-            "--data.init_args.num_sequences=40",
-            "--data.init_args.batch_size=4",
+            "--data.init_args.max_tokens=256",
+            "--data.init_args.max_length=62",
         ]
     )
 

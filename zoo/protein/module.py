@@ -5,6 +5,12 @@ Masking follows ESM-2/BERT: 15% of residues (never ``<cls>``/``<eos>``/``<pad>``
 chosen positions only, and perplexity is ``exp`` of that loss over all masked tokens of an
 epoch. Validation masks with a generator seeded by the batch index, so its perplexity is
 comparable from epoch to epoch.
+
+When validation batches carry ``contacts`` (``ProteinDataModule(contacts=...)``), the unmasked
+sequences also go through the contact head and contact precision (``ContactPrecision``: P@L and
+P@L/5, short/medium/long range) is logged as ``val/contact_P@L_long`` etc. ``predict`` returns
+per-sequence embeddings (mean over residues of ``embedding_layer``) and, with
+``predict_contacts``, contact maps, for ``RecordPredictionWriter``.
 """
 
 from __future__ import annotations
@@ -12,15 +18,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.text import Perplexity
 
 from zoo.base import ZooModule
 from zoo.optim import WarmupCosineLR
 from zoo.protein.alphabet import Alphabet
+from zoo.protein.metrics import ContactPrecision
 from zoo.protein.model import ESM2, ESM2_CONFIGS, ESM2Layer
 
-__all__ = ["ESM2MaskedLM", "mask_tokens"]
+__all__ = ["ESM2MaskedLM", "build_esm2", "init_for_training", "mask_tokens", "mean_over_residues"]
 
 IGNORE_INDEX = -100
 
@@ -60,6 +68,59 @@ def mask_tokens(
     return inputs, labels
 
 
+def build_esm2(
+    size: str,
+    num_layers: int | None = None,
+    embed_dim: int | None = None,
+    attention_heads: int | None = None,
+    pretrained: str | None = None,
+) -> ESM2:
+    """A checkpoint's model when ``pretrained`` is given, else a published size with optional overrides,
+    initialised for training from scratch (``init_for_training``)."""
+    if pretrained is not None:
+        return ESM2.from_pretrained(pretrained)
+    if size not in ESM2_CONFIGS:
+        raise ValueError(f"unknown ESM-2 size {size!r}; known: {', '.join(ESM2_CONFIGS)}")
+    base = ESM2_CONFIGS[size]
+    model = ESM2(
+        num_layers if num_layers is not None else base.num_layers,
+        embed_dim if embed_dim is not None else base.embed_dim,
+        attention_heads if attention_heads is not None else base.attention_heads,
+        token_dropout=base.token_dropout,
+    )
+    return init_for_training(model)
+
+
+def init_for_training(model: ESM2, std: float = 0.02) -> ESM2:
+    """BERT-style initialisation (normal, std 0.02, zero biases, zero ``<pad>`` embedding).
+
+    This is how HF's ``EsmPreTrainedModel`` and BioNeMo initialise ESM-2 for pre-training. fair-esm's
+    module defaults (unit-variance embeddings, tied to the LM head) give logits of standard deviation
+    ~sqrt(embed_dim), a starting perplexity around 1e14 instead of ~33, and a slower start.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+        model.embed_tokens.weight[model.padding_idx].zero_()
+    return model
+
+
+def mean_over_residues(hidden: torch.Tensor, tokens: torch.Tensor, alphabet: Alphabet) -> torch.Tensor:
+    """``(B, T, D)`` -> ``(B, D)``: the mean over residues, ``<cls>``/``<eos>``/pads excluded."""
+    special = torch.tensor([alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx], device=tokens.device)
+    weights = (~torch.isin(tokens, special)).unsqueeze(-1).to(hidden)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def residue_lengths(tokens: torch.Tensor, alphabet: Alphabet) -> torch.Tensor:
+    """Residues per row (tokens that are not ``<cls>``/``<eos>``/``<pad>``)."""
+    special = torch.tensor([alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx], device=tokens.device)
+    return (~torch.isin(tokens, special)).sum(1)
+
+
 class ESM2MaskedLM(ZooModule):
     """ESM-2 trained by masked language modelling.
 
@@ -69,6 +130,8 @@ class ESM2MaskedLM(ZooModule):
         pretrained: a local checkpoint for ``ESM2.from_pretrained`` (fair-esm ``.pt`` or a HF
             ``EsmForMaskedLM`` directory); its architecture wins over ``size``.
         mask_prob: share of residues chosen for the loss (15% in ESM-2).
+        embedding_layer: layer whose residue mean ``predict`` returns (-1: the last, after its LayerNorm).
+        predict_contacts: ``predict`` also returns each sequence's ``(L, L)`` contact map.
     """
 
     sharding_units = (ESM2Layer,)
@@ -81,6 +144,8 @@ class ESM2MaskedLM(ZooModule):
         attention_heads: int | None = None,
         pretrained: str | None = None,
         mask_prob: float = 0.15,
+        embedding_layer: int = -1,
+        predict_contacts: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
@@ -88,18 +153,11 @@ class ESM2MaskedLM(ZooModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if not 0 < mask_prob < 1:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
-        if pretrained is not None:
-            self.model = ESM2.from_pretrained(pretrained)
-        else:
-            if size not in ESM2_CONFIGS:
-                raise ValueError(f"unknown ESM-2 size {size!r}; known: {', '.join(ESM2_CONFIGS)}")
-            base = ESM2_CONFIGS[size]
-            self.model = ESM2(
-                num_layers if num_layers is not None else base.num_layers,
-                embed_dim if embed_dim is not None else base.embed_dim,
-                attention_heads if attention_heads is not None else base.attention_heads,
-            )
+        self.model = build_esm2(size, num_layers, embed_dim, attention_heads, pretrained)
+        if not -self.model.num_layers - 1 <= embedding_layer <= self.model.num_layers:
+            raise ValueError(f"embedding_layer={embedding_layer} outside 0..{self.model.num_layers} (or -1)")
         self.alphabet = self.model.alphabet
+        self.contact_metrics = nn.ModuleDict({"val": ContactPrecision(), "test": ContactPrecision()})
         self.setup_metrics()
 
     def configure_metrics(self) -> MetricCollection:
@@ -121,23 +179,46 @@ class ESM2MaskedLM(ZooModule):
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._update_contacts(batch, "val")
         return self._step(batch, "val", torch.Generator().manual_seed(batch_idx))
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._update_contacts(batch, "test")
         return self._step(batch, "test", torch.Generator().manual_seed(batch_idx))
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Per-sequence embeddings: the last layer averaged over residues (``<cls>``/``<eos>``/pads excluded)."""
+    def _update_contacts(self, batch: dict, stage: str) -> None:
+        if "contacts" not in batch:
+            return
         tokens = batch["tokens"]
-        layer = self.model.num_layers
-        hidden = self.model(tokens, repr_layers=[layer])["representations"][layer]
-        residues = ~torch.isin(
-            tokens,
-            torch.tensor(
-                [self.alphabet.cls_idx, self.alphabet.eos_idx, self.alphabet.padding_idx],
-                device=tokens.device,
-            ),
+        predicted = self.model(tokens, return_contacts=True)["contacts"]
+        self.contact_metrics[stage].update(
+            predicted, batch["contacts"], residue_lengths(tokens, self.alphabet)
         )
-        weights = residues.unsqueeze(-1).to(hidden)
-        embeddings = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return {"ids": batch.get("ids"), "embeddings": embeddings}
+
+    def _log_contacts(self, stage: str) -> None:
+        metric = self.contact_metrics[stage]
+        if metric.update_count == 0:
+            return
+        values = metric.compute()
+        self.log_dict({f"{stage}/contact_{k}": v for k, v in values.items()}, sync_dist=False)
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_contacts("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_contacts("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """``{"ids", "embeddings": (B, D)}`` (+ ``"contacts"``: one ``(L, L)`` map per sequence)."""
+        tokens = batch["tokens"]
+        layer = self.hparams.embedding_layer % (self.model.num_layers + 1)
+        out = self.model(tokens, repr_layers=[layer], return_contacts=self.hparams.predict_contacts)
+        result = {
+            "ids": batch.get("ids"),
+            "embeddings": mean_over_residues(out["representations"][layer], tokens, self.alphabet),
+        }
+        if self.hparams.predict_contacts:
+            lengths = residue_lengths(tokens, self.alphabet).tolist()
+            result["contacts"] = [c[:n, :n] for c, n in zip(out["contacts"], lengths)]
+        return result
