@@ -1,6 +1,7 @@
 """LightningDataModules, installed as ``zoo.datamodules``; each has an embedded default dataset."""
 
 from zoo.datamodules.images import ImageClassificationDataModule, ImageFolderDataset
+from zoo.datamodules.multitask import MultitaskDataModule
 from zoo.datamodules.protein_labels import ProteinLabelDataModule
 from zoo.datamodules.proteins import ProteinDataModule, TokenBudgetBatchSampler
 from zoo.datamodules.shapes import ShapesDataset
@@ -9,6 +10,7 @@ from zoo.protein.fasta import read_fasta
 __all__ = [
     "ImageClassificationDataModule",
     "ImageFolderDataset",
+    "MultitaskDataModule",
     "ProteinDataModule",
     "ProteinLabelDataModule",
     "ShapesDataset",

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 # Imported for their side effect: registering the zoo's classes so YAML can use short names.
 import zoo.callbacks
 import zoo.datamodules
+import zoo.multitask
 import zoo.protein
 import zoo.vision  # noqa: F401
 
@@ -25,6 +26,8 @@ __all__ = ["DATA_TO_MODEL_LINKS", "ZooCLI", "main"]
 DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
     ("num_classes", "num_classes"),
     ("image_size", "img_size"),
+    ("tasks", "tasks"),
+    ("vocab_size", "vocab_size"),
 )
 
 
