@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -88,8 +89,10 @@ def test_config_runs_through_zoo_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_validation_perplexity_falls_on_embedded_data(tmp_path):
-    """Quality bar: validation perplexity below 70% of its starting value after a short CPU run."""
+def test_validation_perplexity_falls_on_the_embedded_real_proteins(tmp_path):
+    """Quality bar: on the 2,086 real proteins, validation perplexity falls below 70% of its starting
+    value, and below the perplexity of predicting the training set's amino-acid frequencies, after
+    60 steps of a 2-layer 64-d ESM-2 (well under 3 minutes on 2 CPU cores)."""
     from functools import partial
 
     torch.manual_seed(0)
@@ -97,12 +100,14 @@ def test_validation_perplexity_falls_on_embedded_data(tmp_path):
         num_layers=2,
         embed_dim=64,
         attention_heads=4,
-        optimizer=partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.01),
+        optimizer=partial(torch.optim.AdamW, lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01),
         lr_scheduler=None,
     )
-    data = ProteinDataModule(batch_size=32, num_sequences=1200, min_length=40, max_length_synthetic=100)
+    data = ProteinDataModule(max_tokens=4096, max_length=510)
     trainer = Trainer(
-        max_epochs=3,
+        max_epochs=1,
+        limit_train_batches=60,
+        gradient_clip_val=1.0,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -114,4 +119,25 @@ def test_validation_perplexity_falls_on_embedded_data(tmp_path):
     start = trainer.validate(model, data, verbose=False)[0]["val/perplexity"]
     trainer.fit(model, data)
     end = trainer.callback_metrics["val/perplexity"].item()
+    unigram = _unigram_perplexity(data)
     assert end < 0.7 * start, f"validation perplexity {start:.2f} -> {end:.2f}"
+    assert end < unigram, (
+        f"validation perplexity {end:.2f} is not below amino-acid frequencies' {unigram:.2f}"
+    )
+
+
+def _unigram_perplexity(data: ProteinDataModule) -> float:
+    """Perplexity on the validation masks of predicting each residue by its training-set frequency."""
+    alphabet = data.alphabet
+    counts = torch.zeros(len(alphabet))
+    for batch in data.train_dataloader():
+        counts += torch.bincount(batch["tokens"].flatten(), minlength=len(alphabet))
+    counts[[alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx]] = 0
+    log_p = (counts / counts.sum()).clamp(min=1e-12).log()
+    nll, n = 0.0, 0
+    for batch_idx, batch in enumerate(data.val_dataloader()):
+        _, labels = mask_tokens(batch["tokens"], alphabet, 0.15, torch.Generator().manual_seed(batch_idx))
+        chosen = labels[labels != -100]
+        nll -= log_p[chosen].sum().item()
+        n += len(chosen)
+    return math.exp(nll / n)

@@ -81,6 +81,8 @@ class ESM2Finetuner(ZooModule):
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        # collects this class's arguments and the subclass's (task, num_classes...) from the call frames
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
         if lora_rank and freeze_backbone:
@@ -163,7 +165,6 @@ class ESM2SequencePredictor(ESM2Finetuner):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
         if task == "classification" and num_classes < 2:
@@ -226,7 +227,6 @@ class ESM2ResiduePredictor(ESM2Finetuner):
 
     def __init__(self, num_classes: int = 2, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.task = "residue-classification"
