@@ -56,7 +56,7 @@ def test_sequence_regression_from_csv(tmp_path):
     rows = ["id,sequence,label"] + [f"s{i},{'MKTAYIAKQR'[: 3 + i % 7]}GG,{i / 10}" for i in range(20)]
     path.write_text("\n".join(rows) + "\n")
     data = ProteinLabelDataModule(file=str(path), task="sequence-regression", batch_size=4)
-    model = ESM2SequencePredictor(task="regression", **TINY)
+    model = ESM2SequencePredictor(task="sequence-regression", **TINY)
     trainer = _trainer(tmp_path)
     trainer.fit(model, data)
     assert {"val/mse", "val/loss"} <= set(trainer.callback_metrics)
@@ -136,7 +136,7 @@ def test_unknown_class_and_task_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"x.csv:4: label 'c' is not one of the classes \['a', 'b'\]"):
         ProteinLabelDataModule(file=str(path), classes=["a", "b"])
     data = ProteinLabelDataModule(file=str(path), val_fraction=0.34, test_fraction=0.0)
-    model = ESM2SequencePredictor(task="regression", **TINY)
+    model = ESM2SequencePredictor(task="sequence-regression", **TINY)
     with pytest.raises(
         ValueError, match="configured for 'sequence-regression' but the data is 'sequence-classification'"
     ):

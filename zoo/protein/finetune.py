@@ -8,8 +8,8 @@ rest of the backbone frozen. ``merged_backbone()`` folds the LoRA updates back i
 ``ESM2`` that ``save_pretrained`` writes as a fair-esm file.
 
 - ``ESM2SequencePredictor``: mean over residues (or ``<cls>``) of a chosen layer -> MLP head;
-  ``classification`` (cross-entropy, accuracy and macro F1) or ``regression`` (MSE; Pearson and
-  Spearman correlation).
+  ``sequence-classification`` (cross-entropy, accuracy and macro F1) or ``sequence-regression``
+  (MSE; Pearson and Spearman correlation).
 - ``ESM2ResiduePredictor``: the chosen layer at every residue -> MLP head; cross-entropy over
   residues (``-100`` labels ignored), accuracy and macro F1.
 """
@@ -151,7 +151,7 @@ class ESM2SequencePredictor(ESM2Finetuner):
     """One class or value per protein from a pooled ESM-2 representation.
 
     Args:
-        task: ``classification`` or ``regression``.
+        task: ``sequence-classification`` or ``sequence-regression`` (the data module's names).
         num_classes: classes (linked from the data module by the CLI); ignored for regression.
         pooling: ``mean`` over residues or the ``cls`` token.
         See ``ESM2Finetuner`` for the backbone, LoRA and head arguments.
@@ -159,26 +159,28 @@ class ESM2SequencePredictor(ESM2Finetuner):
 
     def __init__(
         self,
-        task: Literal["classification", "regression"] = "classification",
+        task: Literal["sequence-classification", "sequence-regression"] = "sequence-classification",
         num_classes: int = 2,
         pooling: Literal["mean", "cls"] = "mean",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if task not in ("classification", "regression"):
-            raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
-        if task == "classification" and num_classes < 2:
+        if task not in ("sequence-classification", "sequence-regression"):
+            raise ValueError(f"task must be 'sequence-classification' or 'sequence-regression', got {task!r}")
+        if task == "sequence-classification" and num_classes < 2:
             raise ValueError(f"classification needs num_classes >= 2, got {num_classes}")
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        self.task = f"sequence-{task}"
+        self.task = task
         self.head = _head(
-            self.model.embed_dim, num_classes if task == "classification" else 1, self.hparams.head_dropout
+            self.model.embed_dim,
+            num_classes if task == "sequence-classification" else 1,
+            self.hparams.head_dropout,
         )
         self.setup_metrics()
 
     def configure_metrics(self) -> MetricCollection:
-        if self.hparams.task == "regression":
+        if self.hparams.task == "sequence-regression":
             return MetricCollection(
                 {"mse": MeanSquaredError(), "pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()}
             )
@@ -196,11 +198,11 @@ class ESM2SequencePredictor(ESM2Finetuner):
             else mean_over_residues(hidden, tokens, self.alphabet)
         )
         out = self.head(pooled)
-        return out.squeeze(-1) if self.hparams.task == "regression" else out
+        return out.squeeze(-1) if self.hparams.task == "sequence-regression" else out
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         out, labels = self(batch["tokens"]), batch["labels"]
-        if self.hparams.task == "regression":
+        if self.hparams.task == "sequence-regression":
             loss = F.mse_loss(out.float(), labels.float())
         else:
             loss = F.cross_entropy(out.float(), labels)
@@ -213,7 +215,7 @@ class ESM2SequencePredictor(ESM2Finetuner):
         out = self(batch["tokens"])
         return {
             "ids": batch.get("ids"),
-            "predictions": out if self.hparams.task == "regression" else out.softmax(-1),
+            "predictions": out if self.hparams.task == "sequence-regression" else out.softmax(-1),
         }
 
 
