@@ -1,6 +1,6 @@
 """ESM-2 inference: our ``zoo.protein.ESM2`` vs fair-esm's ``esm.model.esm2.ESM2``, same weights, one process.
 
-Both models run the same mixed-length padded batches, interleaved (ours, theirs, ours, ...) so
+Both models run the same mixed-length padded batches of real proteins (the embedded proteome), interleaved (ours, theirs, ours, ...) so
 that drift on a shared machine hits both alike; the figure that matters is the ratio. Throughput
 counts real tokens (``<cls>`` + residues + ``<eos>``, not padding). Peak memory is the CUDA
 allocator's peak on GPU; on CPU, the peak resident-set growth over one pass, measured in a fresh
@@ -26,25 +26,23 @@ from pathlib import Path
 
 import torch
 
+from zoo.datamodules.proteins import embedded_fasta, select_records
 from zoo.protein import ESM2, Alphabet
-from zoo.protein.alphabet import AMINO_ACIDS
+from zoo.protein.fasta import FastaIndex
 
 
 def make_batches(n: int, batch_size: int, min_len: int, max_len: int, seed: int) -> list[torch.Tensor]:
+    """Padded batches of real proteins (the embedded proteome) with ``min_len``-``max_len`` residues."""
+    index = FastaIndex.open(embedded_fasta())
+    usable, _ = select_records(index, "error", 0.5)
+    fitting = usable[(index.length[usable] >= min_len) & (index.length[usable] <= max_len)]
+    if len(fitting) < n * batch_size:
+        raise ValueError(f"only {len(fitting)} embedded proteins have {min_len}-{max_len} residues")
     generator = torch.Generator().manual_seed(seed)
+    chosen = fitting[torch.randperm(len(fitting), generator=generator)[: n * batch_size].numpy()]
     converter = Alphabet().get_batch_converter()
-    batches = []
-    for b in range(n):
-        lengths = torch.randint(min_len, max_len + 1, (batch_size,), generator=generator).tolist()
-        seqs = [
-            (
-                f"{b}_{i}",
-                "".join(AMINO_ACIDS[j] for j in torch.randint(0, 20, (length,), generator=generator)),
-            )
-            for i, length in enumerate(lengths)
-        ]
-        batches.append(converter(seqs)[2])
-    return batches
+    pairs = [(index.record_id(int(i)), index.sequence(int(i))) for i in chosen]
+    return [converter(pairs[b * batch_size : (b + 1) * batch_size])[2] for b in range(n)]
 
 
 class _PeakRSS:

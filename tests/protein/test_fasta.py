@@ -27,7 +27,9 @@ def _write(tmp_path, text: str, name: str = "seqs.fasta"):
     return path
 
 
-def test_random_access_equals_a_plain_parse(tmp_path):
+@pytest.mark.parametrize("block", [37, 1 << 24], ids=["tiny-blocks", "default-blocks"])
+def test_random_access_equals_a_plain_parse(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(FastaIndex, "_BLOCK", block)  # records straddle many block boundaries
     rng = np.random.default_rng(0)
     letters = np.array(list("LAGVSERTIDPKQNFYMHWCX"))
     lines = []
@@ -104,7 +106,9 @@ def test_embedded_proteins_are_the_pyhmmer_proteome():
         ("", r"empty file"),
     ],
 )
-def test_bad_fasta_names_file_line_and_record(tmp_path, text, message):
+@pytest.mark.parametrize("block", [5, 1 << 24], ids=["tiny-blocks", "default-blocks"])
+def test_bad_fasta_names_file_line_and_record(tmp_path, monkeypatch, text, message, block):
+    monkeypatch.setattr(FastaIndex, "_BLOCK", block)
     with pytest.raises(ValueError, match=message):
         read_fasta(_write(tmp_path, text))
 

@@ -1,7 +1,7 @@
 """Random access to FASTA files of any size through a byte-offset index, built once and cached.
 
 A UniRef-sized FASTA file (tens of GB) cannot be parsed into memory by every data-loader worker.
-``FastaIndex`` scans the file once (memory-mapped, the scanning done by ``re`` and ``bytes``
+``FastaIndex`` scans the file once (in blocks, the scanning done by ``re`` and ``bytes``
 methods in C), records where each record's header and sequence lie, and saves those offsets as a
 small ``.npz`` beside the file (or in a cache directory when that is not writable). Later runs load
 the index in milliseconds; it is rebuilt when the file's size, modification time or head/tail bytes
@@ -14,7 +14,7 @@ Residue mapping, the same for every file (documented in ``zoo/protein/README.md`
 - ``X`` (unknown residue) and the other ESM letters (``BUZO.-``) are kept as their ESM tokens;
 - any other character (``J``, digits, ...) is a problem of the record.
 
-The scan never raises on a bad record: it records the problem (bad character, empty sequence,
+The scan reads the file in 16 MiB blocks and never raises on a bad record: it records the problem (bad character, empty sequence,
 duplicate id) with its byte offset, so that the caller decides whether to fail (naming the file,
 the line and the record) or to skip such records and report how many. Gzip-compressed files (found
 by their magic bytes) are decompressed into memory and indexed there, without a saved index: use
@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import mmap
+import io
 import os
 import re
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from zoo.protein.alphabet import Alphabet
 
 __all__ = ["FastaIndex", "FastaProblem", "ProteinRecord", "clean_sequence", "id_hash", "read_fasta"]
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 OK, BAD_CHARACTER, EMPTY, DUPLICATE, BAD_HEADER = 0, 1, 2, 3, 4
 PROBLEM_NAMES = {
     BAD_CHARACTER: "bad character",
@@ -84,10 +86,11 @@ def id_hash(record_id: bytes) -> int:
 class FastaIndex:
     """Byte offsets, residue counts and problems of every record of a FASTA file.
 
-    Arrays (one entry per record, in file order): ``header_start`` (offset of ``>``),
-    ``seq_start`` / ``seq_end`` (the sequence lines), ``length`` (residues after mapping),
-    ``unknown`` (``X`` count), ``id_hash`` (64-bit hash of the id, for splits and duplicates),
-    ``status`` (``OK`` or a problem code) and ``problem_offset`` (byte offset of the problem).
+    Arrays (one entry per record, in file order; 41 bytes a record): ``header_start`` (offset of
+    ``>``), ``seq_start`` / ``seq_end`` (the sequence lines), ``length`` (residues after mapping),
+    ``unknown`` (``X`` count), ``id_hash`` (64-bit hash of the id, for splits and duplicates) and
+    ``status`` (``OK`` or a problem code). Bad records also get a byte offset pointing at the problem
+    (``problem_record`` -> ``problem_offset``, sorted by record).
     """
 
     ARRAYS = (
@@ -98,8 +101,20 @@ class FastaIndex:
         "unknown",
         "id_hash",
         "status",
+        "problem_record",
         "problem_offset",
     )
+    _DTYPES = {"q": np.int64, "i": np.int32, "Q": np.uint64, "B": np.uint8}
+    _COLUMNS = {
+        "header_start": "q",
+        "seq_start": "q",
+        "seq_end": "q",
+        "length": "i",
+        "unknown": "i",
+        "id_hash": "Q",
+        "status": "B",
+    }
+    _BLOCK = 1 << 24  # bytes read at a time while scanning
 
     def __init__(self, path: Path, data: bytes | None, arrays: dict[str, np.ndarray]) -> None:
         self.path = path
@@ -123,68 +138,95 @@ class FastaIndex:
                 data = gzip.decompress(path.read_bytes())
             except (OSError, EOFError) as error:
                 raise ValueError(f"{path}: not a readable gzip file ({error})") from error
-            return cls(path, data, cls._scan(data, path))
+            stream = io.BytesIO(data)
+            return cls(path, data, cls._scan(stream.read, lambda a, b: data[a:b], path))
         key = cls._validity_key(path)
         for candidate in cls._index_paths(path, index_dir):
             arrays = cls._load(candidate, key)
             if arrays is not None:
                 return cls(path, None, arrays)
-        with path.open("rb") as handle:
-            if os.fstat(handle.fileno()).st_size == 0:
-                raise ValueError(f"{path}: empty file, not FASTA (expected '>id' header lines)")
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                arrays = cls._scan(view, path)
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: empty file, not FASTA (expected '>id' header lines)")
+        with path.open("rb") as stream, path.open("rb") as lookup:
+
+            def read_at(start: int, end: int) -> bytes:
+                lookup.seek(start)
+                return lookup.read(end - start)
+
+            arrays = cls._scan(stream.read, read_at, path)
         for candidate in cls._index_paths(path, index_dir):
             if cls._save(candidate, arrays, key):
                 break
         return cls(path, None, arrays)
 
-    @staticmethod
-    def _scan(data, path: Path) -> dict[str, np.ndarray]:
-        """One pass over the bytes: header positions by regex, each sequence checked by C-level bytes ops."""
-        first = re.search(rb"\S", data)
+    @classmethod
+    def _scan(cls, read: Callable[[int], bytes], read_at: Callable[[int, int], bytes], path: Path) -> dict:
+        """One streaming pass in blocks: header positions by regex, each sequence checked by C-level
+        ``bytes`` operations; columns kept in compact ``array`` buffers, so memory stays ~41 bytes a
+        record plus one block, whatever the file size."""
+        columns = {name: array(code) for name, code in cls._COLUMNS.items()}
+        problems: dict[int, int] = {}
+        buffer, base, skipped_lines = read(cls._BLOCK), 0, 0
+        while buffer and not buffer.strip():  # leading blank blocks
+            base, skipped_lines = base + len(buffer), skipped_lines + buffer.count(b"\n")
+            buffer = read(cls._BLOCK)
+        first = re.search(rb"\S", buffer)
         if first is None:
             raise ValueError(f"{path}: no FASTA records found (expected '>id' header lines)")
-        if data[first.start() : first.start() + 1] != b">":
-            line = data[: first.start()].count(b"\n") + 1
+        if buffer[first.start() : first.start() + 1] != b">":
+            line = skipped_lines + buffer[: first.start()].count(b"\n") + 1
             raise ValueError(f"{path}:{line}: not a FASTA file (expected a '>' header line first)")
-        starts = [m.start() for m in _HEADER.finditer(data)]
-        size = len(data)
-        columns: dict[str, list[int]] = {name: [] for name in FastaIndex.ARRAYS}
-        for number, start in enumerate(starts):
-            header_end = data.find(b"\n", start)
-            header_end = size if header_end == -1 else header_end
-            end = starts[number + 1] if number + 1 < len(starts) else size
-            seq_start = min(header_end + 1, end)
-            header = data[start + 1 : header_end].strip()
-            record_id = header.split(maxsplit=1)[0] if header else b""
-            region = data[seq_start:end]
-            residues = clean_sequence(region)
-            status, problem = OK, start
-            if not record_id:
-                status = BAD_HEADER
-            elif not residues:
-                status = EMPTY
-            else:
-                bad = residues.translate(None, ALLOWED)
-                if bad:
-                    status = BAD_CHARACTER
-                    problem = seq_start + FastaIndex._first_bad(region)
-            columns["header_start"].append(start)
-            columns["seq_start"].append(seq_start)
-            columns["seq_end"].append(end)
-            columns["length"].append(len(residues))
-            columns["unknown"].append(residues.count(b"X"))
-            columns["id_hash"].append(id_hash(record_id))
-            columns["status"].append(status)
-            columns["problem_offset"].append(problem)
+        buffer, base = buffer[first.start() :], base + first.start()
+        eof = False
+        while True:
+            block = b"" if eof else read(cls._BLOCK)
+            eof = eof or not block
+            buffer += block
+            starts = [m.start() for m in _HEADER.finditer(buffer)]
+            if not eof and len(starts) < 2:
+                continue  # a record longer than a block: read on
+            complete = len(starts) if eof else len(starts) - 1  # the last may go on in the next block
+            for k in range(complete):
+                end = starts[k + 1] if k + 1 < len(starts) else len(buffer)
+                cls._add_record(buffer, starts[k], end, base, columns, problems)
+            if eof:
+                break
+            buffer, base = buffer[starts[-1] :], base + starts[-1]
         arrays = {
-            name: np.asarray(values, dtype=np.uint64 if name == "id_hash" else np.int64)
-            for name, values in columns.items()
+            name: np.frombuffer(col, dtype=cls._DTYPES[col.typecode]).copy() for name, col in columns.items()
         }
-        arrays["status"] = arrays["status"].astype(np.uint8)
-        FastaIndex._mark_duplicates(arrays, data)
+        cls._mark_duplicates(arrays, problems, read_at)
+        records = np.asarray(sorted(problems), dtype=np.int64)
+        arrays["problem_record"] = records
+        arrays["problem_offset"] = np.asarray([problems[r] for r in records.tolist()], dtype=np.int64)
         return arrays
+
+    @classmethod
+    def _add_record(
+        cls, buffer: bytes, start: int, end: int, base: int, columns: dict, problems: dict
+    ) -> None:
+        header_end = buffer.find(b"\n", start, end)
+        header_end = end if header_end == -1 else header_end
+        seq_start = min(header_end + 1, end)
+        header = buffer[start + 1 : header_end].strip()
+        record_id = header.split(maxsplit=1)[0] if header else b""
+        region = buffer[seq_start:end]
+        residues = clean_sequence(region)
+        status = OK
+        if not record_id:
+            status = BAD_HEADER
+        elif not residues:
+            status = EMPTY
+        elif residues.translate(None, ALLOWED):
+            status = BAD_CHARACTER
+            problems[len(columns["status"])] = base + seq_start + cls._first_bad(region)
+        columns["header_start"].append(base + start)
+        columns["seq_start"].append(base + seq_start)
+        columns["seq_end"].append(base + end)
+        columns["length"].append(len(residues))
+        columns["unknown"].append(residues.count(b"X"))
+        columns["id_hash"].append(id_hash(record_id))
+        columns["status"].append(status)
 
     @staticmethod
     def _first_bad(region: bytes) -> int:
@@ -197,16 +239,14 @@ class FastaIndex:
         return 0
 
     @staticmethod
-    def _mark_duplicates(arrays: dict[str, np.ndarray], data) -> None:
-        """Every occurrence of an id after its first is a ``DUPLICATE``; ``problem_offset`` -> the first.
-
-        Candidates come from equal 64-bit hashes; the ids themselves are compared before marking.
-        """
+    def _mark_duplicates(arrays: dict[str, np.ndarray], problems: dict[int, int], read_at) -> None:
+        """Every occurrence of an id after its first is a ``DUPLICATE`` (its problem offset: the first's
+        header). Candidates come from equal 64-bit hashes; the ids themselves are compared."""
 
         def record_id(record: int) -> bytes:
-            start = int(arrays["header_start"][record])
-            header = data[start + 1 : int(arrays["seq_start"][record])].split(maxsplit=1)
-            return header[0] if header else b""
+            header = read_at(int(arrays["header_start"][record]) + 1, int(arrays["seq_start"][record]))
+            parts = header.split(maxsplit=1)
+            return parts[0] if parts else b""
 
         hashes = arrays["id_hash"]
         order = np.argsort(hashes, kind="stable")
@@ -216,11 +256,11 @@ class FastaIndex:
             first = position - 1
             while first > 0 and sorted_hashes[first - 1] == sorted_hashes[position]:
                 first -= 1
-            record, original = order[position], order[first]
+            record, original = int(order[position]), int(order[first])
             if arrays["status"][record] == BAD_HEADER or record_id(record) != record_id(original):
                 continue
             arrays["status"][record] = DUPLICATE
-            arrays["problem_offset"][record] = arrays["header_start"][original]
+            problems[record] = int(arrays["header_start"][original])
 
     # ------------------------------------------------------------------ caching
     @staticmethod
@@ -324,6 +364,9 @@ class FastaIndex:
             found.append(self._describe(int(record)))
         return found
 
+    def _problem_offset(self, record: int) -> int:
+        return int(self.problem_offset[np.searchsorted(self.problem_record, record)])
+
     def _describe(self, record: int) -> FastaProblem:
         status = int(self.status[record])
         header_line = self.line_of(int(self.header_start[record]))
@@ -335,10 +378,10 @@ class FastaIndex:
             message = f"{self.path}:{header_line}: record {name!r} has an empty sequence"
             return FastaProblem("empty sequence", record, header_line, message)
         if status == DUPLICATE:
-            first_line = self.line_of(int(self.problem_offset[record]))
+            first_line = self.line_of(self._problem_offset(record))
             message = f"{self.path}:{header_line}: duplicate id {name!r} (first seen on line {first_line})"
             return FastaProblem("duplicate id", record, header_line, message)
-        offset = int(self.problem_offset[record])
+        offset = self._problem_offset(record)
         line = self.line_of(offset)
         line_start = self._read(max(0, offset - 65536), offset).rfind(b"\n")
         column = 65536 - line_start if offset >= 65536 else offset - line_start
