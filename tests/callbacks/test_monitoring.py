@@ -138,3 +138,18 @@ def test_tokens_per_second_for_sequence_batches(make_trainer, tmp_path):
     make_trainer(max_steps=4, limit_val_batches=0, callbacks=[monitor]).fit(Sequences(), loader)
     summary = json.loads((tmp_path / "training_report.json").read_text())["summary"]
     assert summary["tokens_per_s_peak"] == pytest.approx(5 * summary["samples_per_s_peak"])
+
+
+def test_fused_weight_statistics_equal_per_tensor_reductions():
+    torch.manual_seed(0)
+    named = [
+        ("a.weight", torch.randn(16, 8) * 0.3 + 0.1),
+        ("b.weight", torch.randn(4, 3, 3)),
+        ("b.bias", torch.randn(4)),
+    ]
+    stats = TrainingMonitor._weight_statistics(named)
+    assert not any("b.bias" in key for key in stats)  # biases and norms are left out
+    for name, value in named[:2]:
+        assert stats[f"monitor/weight_mean/{name}"] == pytest.approx(float(value.mean()), abs=1e-6)
+        assert stats[f"monitor/weight_std/{name}"] == pytest.approx(float(value.std()), rel=1e-5)
+        assert stats[f"monitor/weight_max/{name}"] == pytest.approx(float(value.abs().max()), rel=1e-6)
