@@ -1,5 +1,6 @@
 """LightningDataModules, installed as ``zoo.datamodules``; each has an embedded default dataset."""
 
+from zoo.datamodules.captioned_images import CaptionedImageDataModule
 from zoo.datamodules.images import ImageClassificationDataModule, ImageFolderDataset
 from zoo.datamodules.multitask import MultitaskDataModule
 from zoo.datamodules.protein_labels import ProteinLabelDataModule
@@ -8,6 +9,7 @@ from zoo.datamodules.shapes import ShapesDataset
 from zoo.protein.fasta import read_fasta
 
 __all__ = [
+    "CaptionedImageDataModule",
     "ImageClassificationDataModule",
     "ImageFolderDataset",
     "MultitaskDataModule",

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 # Imported for their side effect: registering the zoo's classes so YAML can use short names.
 import zoo.callbacks
 import zoo.datamodules
+import zoo.diffusion
 import zoo.multitask
 import zoo.protein
 import zoo.vision  # noqa: F401
@@ -28,6 +29,7 @@ DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
     ("image_size", "img_size"),
     ("tasks", "tasks"),
     ("vocab_size", "vocab_size"),
+    ("caption_vocabulary", "caption_vocabulary"),
 )
 
 

@@ -1,0 +1,303 @@
+"""Images with captions (and class labels) for the diffusion family.
+
+By default the embedded shapes (``zoo.datamodules.shapes.render_shapes``, the same images the vision
+family classifies) without their sensor noise: a generative model would otherwise spend its capacity
+on i.i.d. pixel noise, and an autoencoder's PSNR would be capped near 28 dB by noise it cannot (and
+should not) encode. ``noise`` puts it back. Real data is a folder of images with captions, either one
+``.txt`` file next to each image (``cat.png`` + ``cat.txt``) or a JSONL file
+(``{"file": "cat.png", "caption": "...", "label": "cat"}`` per line; ``label`` optional), split by
+``val_fraction`` with a fixed seed. Problems (a missing caption, an unreadable image, a malformed JSONL
+line) are reported with the file and line when the data module is set up.
+
+Batches are ``{"image": (B, 3, H, W) in [-1, 1], "label": (B,), "caption": list[str]}``; ``label`` is
+-1 where the data has none. ``predict_dataloader`` serves the prompts of ``predict_file`` (one per line:
+a class name, a class index, or a free caption) for ``zoo predict``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from zoo.datamodules.images import IMAGE_SUFFIXES, _verify_readable
+from zoo.datamodules.shapes import COLOURS, SHAPES, SPLITS, render_shapes
+from zoo.datamodules.splits import SplitDataModule
+
+__all__ = ["CaptionedFolderDataset", "CaptionedImageDataModule", "CaptionedShapesDataset", "tokenize_words"]
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def tokenize_words(text: str) -> list[str]:
+    """Lower-case word tokens: the unit of the caption vocabulary."""
+    return _WORD.findall(text.lower())
+
+
+def shapes_caption_vocabulary() -> list[str]:
+    """Every word the shapes captions use ("a {size} {colour} {shape} in the {row} {column}")."""
+    words = ["a", "in", "the", "small", "medium", "large", *COLOURS, *SHAPES]
+    words += ["top", "middle", "bottom", "left", "centre", "right"]
+    return sorted(set(words))
+
+
+class CaptionedShapesDataset(Dataset):
+    """A split of the shapes as ``{"image" in [-1, 1], "label", "caption"}``, rendered on first access."""
+
+    def __init__(self, size: int, *, split: str, seed: int, image_size: int, noise: float = 0.0) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        if size < 1:
+            raise ValueError(f"a shapes split needs at least one image, got size={size}")
+        self.class_names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
+        self._args = {"seed": seed, "split": split, "image_size": image_size, "noise": noise}
+        self._cache: list[dict | None] = [None] * size
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self._cache[index]
+        if item is None:
+            sample = render_shapes(index, **self._args)
+            image = torch.from_numpy(sample.image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+            item = self._cache[index] = {"image": image, "label": sample.label, "caption": sample.caption}
+        return item
+
+
+def _read_jsonl(path: Path, root: Path) -> list[tuple[Path, str, object]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file {str(path)!r} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+        if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+            raise ValueError(f"{path}:{number}: expected an object with a string 'file' field")
+        if not isinstance(record.get("caption"), str):
+            raise ValueError(f"{path}:{number}: expected a string 'caption' field")
+        image = root / record["file"]
+        if not image.is_file():
+            raise FileNotFoundError(f"{path}:{number}: image {str(image)!r} does not exist")
+        records.append((image, record["caption"], record.get("label")))
+    if not records:
+        raise ValueError(f"captions file {str(path)!r} has no records")
+    return records
+
+
+def _read_txt_pairs(root: Path) -> list[tuple[Path, str, object]]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(
+            f"image folder {str(root)!r} contains no images (looked for {sorted(IMAGE_SUFFIXES)})"
+        )
+    records = []
+    for image in images:
+        caption = image.with_suffix(".txt")
+        if not caption.is_file():
+            raise FileNotFoundError(f"image {str(image)!r} has no caption file {caption.name!r} next to it")
+        records.append((image, caption.read_text().strip(), None))
+    return records
+
+
+class CaptionedFolderDataset(Dataset):
+    """Images with captions from a folder (``.txt`` per image) or a JSONL file, resized and centre-cropped."""
+
+    def __init__(
+        self, root: str | Path, captions_file: str | Path | None, image_size: int, verify: bool = True
+    ):
+        root = Path(root)
+        records = _read_jsonl(Path(captions_file), root) if captions_file else _read_txt_pairs(root)
+        names = sorted({str(label) for _, _, label in records if label is not None})
+        self.class_names = names
+        index = {name: i for i, name in enumerate(names)}
+        self.records = [(p, c, index[str(label)] if label is not None else -1) for p, c, label in records]
+        if verify:
+            for path, _, _ in self.records:
+                _verify_readable(path)
+        from torchvision import transforms
+
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.CenterCrop(image_size),
+                transforms.ToTensor(),
+                transforms.Normalize([0.5] * 3, [0.5] * 3),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        path, caption, label = self.records[index]
+        with Image.open(path) as image:
+            tensor = self.transform(image.convert("RGB"))
+        return {"image": tensor, "label": label, "caption": caption}
+
+
+class _Prompts(Dataset):
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+class CaptionedImageDataModule(SplitDataModule):
+    """Captioned, labelled images for the autoencoder and latent diffusion (see module docstring).
+
+    Args:
+        data_dir: a folder of images with captions; ``None`` uses the embedded shapes.
+        captions_file: a JSONL file of ``{"file", "caption", "label"?}`` records (paths relative to
+            ``data_dir``); without it each image needs a ``.txt`` caption beside it.
+        image_size: side of the square images.
+        noise: pixel-noise std (fraction of 255) of the embedded shapes; 0 draws them clean.
+        random_flip: horizontal flips. Off by default: the shapes captions name left and right.
+        predict_file: prompts for ``zoo predict``, one per line; default: one per class.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        captions_file: str | None = None,
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        train_size: int = 8000,
+        val_size: int = 256,
+        test_size: int = 256,
+        val_fraction: float = 0.1,
+        noise: float = 0.0,
+        random_flip: bool = False,
+        seed: int = 0,
+        predict_file: str | None = None,
+        verify_images: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self._folder: CaptionedFolderDataset | None = None
+        if self.data_dir is not None:
+            self._folder = CaptionedFolderDataset(
+                self.data_dir, captions_file, image_size, verify=verify_images
+            )
+            self.class_names = self._folder.class_names
+        else:
+            self.class_names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
+
+    @property
+    def num_classes(self) -> int:
+        """Linked into the model's ``num_classes`` by the CLI."""
+        return len(self.class_names)
+
+    @property
+    def caption_vocabulary(self) -> list[str]:
+        """The words of the training captions; linked into the model's caption tokenizer by the CLI."""
+        if self._folder is None:
+            return shapes_caption_vocabulary()
+        return sorted({w for _, caption, _ in self._folder.records for w in tokenize_words(caption)})
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        if self._folder is None:
+            common = {"seed": hp.seed, "image_size": self.image_size, "noise": hp.noise}
+            self.train_set = CaptionedShapesDataset(hp.train_size, split="train", **common)
+            self.val_set = CaptionedShapesDataset(hp.val_size, split="val", **common)
+            self.test_set = CaptionedShapesDataset(hp.test_size, split="test", **common)
+            return
+        order = torch.randperm(len(self._folder), generator=torch.Generator().manual_seed(hp.seed))
+        n_val = max(1, round(len(order) * hp.val_fraction))
+        if n_val >= len(order):
+            raise ValueError(
+                f"{str(self.data_dir)!r} has {len(order)} images: too few to hold out validation"
+            )
+        self.train_set = Subset(self._folder, order[n_val:].tolist())
+        self.val_set = self.test_set = Subset(self._folder, order[:n_val].tolist())
+
+    def _collate(self, items: list[dict]) -> dict:
+        batch = {
+            "image": torch.stack([i["image"] for i in items]),
+            "label": torch.tensor([i["label"] for i in items]),
+            "caption": [i["caption"] for i in items],
+        }
+        if self.hparams.random_flip and self.trainer is not None and self.trainer.training:
+            flip = torch.rand(len(items)) < 0.5
+            batch["image"][flip] = batch["image"][flip].flip(-1)
+        return batch
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self._collate,
+        )
+
+    # ---------------------------------------------------------------- predict
+    def prompts(self) -> list[dict]:
+        """``{"caption", "label", "index"}`` per prompt line (class name, class index or caption)."""
+        lookup = {name.lower(): i for i, name in enumerate(self.class_names)}
+        if self.hparams.predict_file is None:
+            lines = list(self.class_names)
+            source = None
+        else:
+            source = Path(self.hparams.predict_file)
+            if not source.is_file():
+                raise FileNotFoundError(f"predict_file {str(source)!r} does not exist")
+            lines = [line.strip() for line in source.read_text().splitlines()]
+        items = []
+        for number, line in enumerate(lines, start=1):
+            if not line or line.startswith("#"):
+                continue
+            label = lookup.get(line.lower(), -1)
+            if label < 0 and line.isdigit():
+                label = int(line)
+                if label >= self.num_classes:
+                    raise ValueError(
+                        f"{source}:{number}: class index {label} >= num_classes={self.num_classes}"
+                    )
+                line = self.class_names[label]
+            caption = line
+            if label >= 0 and self._folder is None:
+                colour, shape = self.class_names[label].split()
+                caption = f"a medium {colour} {shape} in the centre"
+            items.append({"caption": caption, "label": label, "index": len(items), "name": line})
+        if not items:
+            raise ValueError(f"predict_file {str(source)!r} holds no prompts")
+        return items
+
+    def predict_dataloader(self) -> DataLoader:
+        def collate(items: list[dict]) -> dict:
+            return {
+                "caption": [i["caption"] for i in items],
+                "label": torch.tensor([i["label"] for i in items]),
+                "index": torch.tensor([i["index"] for i in items]),
+                "name": [i["name"] for i in items],
+            }
+
+        return DataLoader(
+            _Prompts(self.prompts()), batch_size=self.batch_size, shuffle=False, collate_fn=collate
+        )

@@ -1,0 +1,60 @@
+"""Tiny diffusion models and data so the diffusion tests stay fast on a 2-core CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_AE = {
+    "kind": "kl",
+    "downsample_factor": 4,
+    "latent_channels": 4,
+    "base_channels": 8,
+    "norm_num_groups": 8,
+}
+TINY_UNET = {
+    "block_out_channels": [16, 32],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "norm_num_groups": 8,
+    "attention_head_dim": 2,
+}
+TINY_DIT = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "patch_size": 2}
+
+
+@pytest.fixture
+def batch() -> dict:
+    from zoo.datamodules.captioned_images import CaptionedImageDataModule
+
+    data = CaptionedImageDataModule(train_size=8, val_size=8, test_size=8, batch_size=8, image_size=16)
+    data.setup()
+    return data._collate([data.train_set[i] for i in range(8)])
+
+
+@pytest.fixture
+def tiny_ldm_kwargs() -> dict:
+    from zoo.datamodules.captioned_images import shapes_caption_vocabulary
+
+    return {
+        "autoencoder": dict(TINY_AE),
+        "scale_factor": 1.0,
+        "img_size": 16,
+        "denoiser_config": dict(TINY_UNET),
+        "num_classes": 12,
+        "caption_vocabulary": shapes_caption_vocabulary(),
+        "context_dim": 16,
+        "text_layers": 1,
+        "text_heads": 2,
+        "sampling_steps": 3,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread():
+    """Seeded, and single-threaded: these models are so small that a second OpenMP thread only adds
+    synchronisation, and on a shared, loaded machine spinning threads make each call 10-100x slower."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,243 @@
+"""What the denoiser is conditioned on: class labels, captions, or nothing, with classifier-free dropout.
+
+Every conditioner turns a batch into a ``Conditioning``: cross-attention tokens (``context``, with a
+padding mask) and/or ``class_labels``. Each has a learned *null* condition, which condition dropout
+substitutes during training and guidance uses as the unconditional branch:
+
+- ``ClassConditioner``: class ``num_classes`` is the null class (LDM's cin256-v2 has 1001 classes for
+  1000 for the same reason); labels feed the denoiser's class embedding and one context token.
+- ``CaptionConditioner``: a small transformer trained jointly with the denoiser, over a word tokenizer
+  built from the dataset's captions (the vocabulary is a constructor argument, so it is saved with the
+  checkpoint); or a frozen local ``CLIPTextModel`` directory. The null caption is the empty string,
+  which is also what a negative prompt replaces.
+- ``UnconditionalConditioner``: only the null token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zoo.datamodules.captioned_images import tokenize_words
+
+__all__ = [
+    "CaptionConditioner",
+    "CaptionEncoder",
+    "ClassConditioner",
+    "Conditioning",
+    "UnconditionalConditioner",
+    "WordTokenizer",
+    "build_conditioner",
+]
+
+
+@dataclass
+class Conditioning:
+    """Inputs of the denoiser besides the noisy latents; ``None`` fields are not used."""
+
+    context: torch.Tensor | None = None  # (B, L, D) cross-attention tokens
+    context_mask: torch.Tensor | None = None  # (B, L), 1 = attend
+    class_labels: torch.Tensor | None = None  # (B,) with the null class for "unconditional"
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        """Both conditionings in one batch (``self`` first): how guidance runs cond and uncond together."""
+
+        def join(a, b):
+            return None if a is None else torch.cat([a, b])
+
+        return Conditioning(
+            join(self.context, other.context),
+            join(self.context_mask, other.context_mask),
+            join(self.class_labels, other.class_labels),
+        )
+
+    def repeat(self, n: int) -> Conditioning:
+        def rep(a):
+            return None if a is None else a.repeat_interleave(n, dim=0)
+
+        return replace(
+            self,
+            context=rep(self.context),
+            context_mask=rep(self.context_mask),
+            class_labels=rep(self.class_labels),
+        )
+
+
+class ClassConditioner(nn.Module):
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"class conditioning needs num_classes >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> Conditioning:
+        labels = labels.long()
+        if (labels < 0).any() or (labels > self.num_classes).any():
+            raise ValueError(
+                f"class labels must be in [0, {self.num_classes}] (the last is null), got {labels.tolist()}"
+            )
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
+        return Conditioning(context=self.embedding(labels)[:, None], class_labels=labels)
+
+    def from_batch(self, batch: dict, drop: torch.Tensor | None = None) -> Conditioning:
+        return self(batch["label"], drop)
+
+    def null(self, batch_size: int, device) -> Conditioning:
+        return self(torch.full((batch_size,), self.null_label, device=device))
+
+
+class UnconditionalConditioner(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+
+    def null(self, batch_size: int, device) -> Conditioning:
+        return Conditioning(context=self.token.expand(batch_size, -1, -1))
+
+    def from_batch(self, batch: dict, drop: torch.Tensor | None = None) -> Conditioning:
+        return self.null(len(batch["image"]), self.token.device)
+
+
+class WordTokenizer:
+    """Lower-case word tokens over a fixed vocabulary; ids 0-3 are pad, begin, end and unknown."""
+
+    PAD, BOS, EOS, UNK = 0, 1, 2, 3
+
+    def __init__(self, vocabulary: list[str], max_length: int = 16) -> None:
+        if len(set(vocabulary)) != len(vocabulary):
+            raise ValueError("caption vocabulary has duplicate words")
+        self.vocabulary = list(vocabulary)
+        self.index = {w: i + 4 for i, w in enumerate(self.vocabulary)}
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.vocabulary) + 4
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, mask)``, both (B, max_length); longer captions are truncated (keeping the end token)."""
+        ids = torch.full((len(captions), self.max_length), self.PAD, dtype=torch.long)
+        for row, caption in enumerate(captions):
+            tokens = [self.index.get(w, self.UNK) for w in tokenize_words(caption)][: self.max_length - 2]
+            tokens = [self.BOS, *tokens, self.EOS]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return ids, ids != self.PAD
+
+
+class CaptionEncoder(nn.Module):
+    """A pre-norm transformer encoder over word tokens with learned positions (BERT-like, as LDM's)."""
+
+    def __init__(
+        self, vocab_size: int, dim: int = 128, layers: int = 2, heads: int = 4, max_length: int = 16
+    ):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, dim)
+        self.positions = nn.Parameter(torch.randn(1, max_length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(ids) + self.positions[:, : ids.shape[1]]
+        return self.norm(self.encoder(x, src_key_padding_mask=~mask))
+
+
+class _ClipEncoder(nn.Module):
+    """A frozen local ``CLIPTextModel`` (and its tokenizer) directory; nothing is downloaded."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if not Path(path, "config.json").is_file():
+            raise FileNotFoundError(
+                f"text_encoder {path!r} is not a local CLIPTextModel directory (no config.json)"
+            )
+        self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).requires_grad_(False).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        self.dim = self.model.config.hidden_size
+
+    def train(self, mode: bool = True) -> _ClipEncoder:
+        return super().train(False)
+
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device).bool()
+        return self.model(input_ids=ids).last_hidden_state, mask
+
+
+class CaptionConditioner(nn.Module):
+    def __init__(
+        self,
+        vocabulary: list[str] | None,
+        dim: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        max_length: int = 16,
+        clip_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if clip_path is not None:
+            self.clip = _ClipEncoder(clip_path)
+            self.dim = self.clip.dim
+            self.tokenizer = None
+        else:
+            if not vocabulary:
+                raise ValueError(
+                    "caption conditioning needs caption_vocabulary (linked from the data module by `zoo fit`) "
+                    "or text_encoder_path (a local CLIPTextModel directory)"
+                )
+            self.clip = None
+            self.dim = dim
+            self.tokenizer = WordTokenizer(vocabulary, max_length)
+            self.encoder = CaptionEncoder(len(self.tokenizer), dim, layers, heads, max_length)
+
+    def forward(self, captions: list[str]) -> Conditioning:
+        if self.clip is not None:
+            context, mask = self.clip(captions)
+        else:
+            ids, mask = self.tokenizer(captions)
+            ids, mask = ids.to(self.encoder.positions.device), mask.to(self.encoder.positions.device)
+            context = self.encoder(ids, mask)
+        return Conditioning(context=context, context_mask=mask.to(context.dtype))
+
+    def from_batch(self, batch: dict, drop: torch.Tensor | None = None) -> Conditioning:
+        captions = list(batch["caption"])
+        if drop is not None:
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        return self(captions)
+
+    def null(self, batch_size: int, device) -> Conditioning:
+        return self([""] * batch_size)
+
+
+def build_conditioner(
+    kind: str,
+    dim: int,
+    num_classes: int,
+    vocabulary: list[str] | None,
+    text_layers: int,
+    text_heads: int,
+    max_caption_length: int,
+    text_encoder_path: str | None,
+) -> nn.Module:
+    if kind == "class":
+        return ClassConditioner(num_classes, dim)
+    if kind == "caption":
+        return CaptionConditioner(
+            vocabulary, dim, text_layers, text_heads, max_caption_length, text_encoder_path
+        )
+    if kind == "none":
+        return UnconditionalConditioner(dim)
+    raise ValueError(f"conditioning must be 'class', 'caption' or 'none', got {kind!r}")
