@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +240,9 @@ class TaskBatchSampler(Sampler):
         return batches
 
     def __iter__(self):
-        return iter(self.plan())
+        # a generator: the plan is drawn at the first ``next``, so a ``set_epoch`` that Lightning
+        # calls after creating the iterator (as it does when resuming) still decides the order
+        yield from self.plan()
 
     def __len__(self) -> int:
         return len(self.plan())
@@ -254,6 +256,7 @@ def arithmetic_examples(
     seed: int,
     min_operands: int = 2,
     max_operands: int = 3,
+    max_products: int = 1,
     exclude: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[list[Example], set[str]]:
     """``count`` examples of one embedded task (texts in ``exclude`` are skipped) and their texts."""
@@ -278,7 +281,7 @@ def arithmetic_examples(
                 f"task {spec.name!r}: could not draw {count} distinct expressions with "
                 f"{min_operands}-{max_operands} operands (the space is too small); lower the set size"
             )
-        text = random_expression(rng, min_operands, max_operands)
+        text = random_expression(rng, min_operands, max_operands, max_products=max_products)
         if spec.type == SEQUENCE_CLASSIFICATION and rng.random() < 0.5:
             text = corrupt(rng, text)
         if text in exclude or text in texts:
@@ -408,7 +411,8 @@ class MultitaskDataModule(SplitDataModule):
             task per step) or ``round_robin`` | ``proportional`` (one task per step).
         bucket_size: pool size, in batches, of length bucketing (0: off).
         train_size / val_size / test_size: examples per embedded task and split.
-        min_operands / max_operands: size of the embedded expressions.
+        min_operands / max_operands / max_products: size of the embedded expressions (operands,
+            ``*`` operators); the defaults keep values within -81..162.
     """
 
     def __init__(
@@ -425,6 +429,7 @@ class MultitaskDataModule(SplitDataModule):
         test_size: int = 500,
         min_operands: int = 2,
         max_operands: int = 3,
+        max_products: int = 1,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -447,6 +452,7 @@ class MultitaskDataModule(SplitDataModule):
         if not 1 <= min_operands <= max_operands:
             raise ValueError(f"need 1 <= min_operands <= max_operands, got {min_operands}, {max_operands}")
         self.tasks = specs
+        self.hparams["tasks"] = [asdict(t) for t in specs]  # plain dicts: checkpoints load weights-only
         self._vocabulary: Vocabulary | None = None
         self._pairs: dict[str, dict[str, list]] | None = None
         self.datasets: dict[str, dict[str, TaskDataset]] = {}
@@ -498,7 +504,7 @@ class MultitaskDataModule(SplitDataModule):
         splits: dict[str, dict[str, TaskDataset]] = {"train": {}, "val": {}, "test": {}}
         for spec in self.tasks:
             if hp.data_dir is None:
-                ops = (hp.min_operands, hp.max_operands)
+                ops = (hp.min_operands, hp.max_operands, hp.max_products)
                 train, seen = arithmetic_examples(spec, vocab, hp.train_size, hp.seed, *ops)
                 val, val_texts = arithmetic_examples(
                     spec, vocab, hp.val_size, hp.seed + 1, *ops, exclude=seen

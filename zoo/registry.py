@@ -103,6 +103,12 @@ MODELS: tuple[ModelEntry, ...] = (
         "masked-language-modelling",
         "ESM-2 t48_15B as published, pre-training recipe (GPU clusters; built, not run, by tests)",
     ),
+    ModelEntry(
+        "multitask_arithmetic",
+        "multitask/arithmetic.yaml",
+        "multitask-text",
+        "Shared-encoder multitask Transformer: well-formed? / token roles / value generation; static weights",
+    ),
 )
 
 

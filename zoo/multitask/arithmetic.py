@@ -125,31 +125,37 @@ def is_well_formed(text: str) -> bool:
     return True
 
 
-def _render(rng: random.Random, operands: int, extra_parens: float) -> tuple[str, str]:
-    """``(text, top operator)`` of a random tree with ``operands`` leaves; ``""`` for a leaf."""
+def _render(rng: random.Random, operands: int, extra_parens: float, products: list[int]) -> tuple[str, str]:
+    """``(text, top operator)`` of a random tree with ``operands`` leaves; ``""`` for a leaf.
+
+    ``products`` is a one-element budget of ``*`` operators still allowed (shared by the recursion).
+    """
     if operands == 1:
         return rng.choice(DIGITS), ""
     left_n = rng.randint(1, operands - 1)
-    op = rng.choice(OPERATORS)
-    left, left_op = _render(rng, left_n, extra_parens)
-    right, right_op = _render(rng, operands - left_n, extra_parens)
+    op = rng.choice(OPERATORS if products[0] > 0 else "+-")
+    if op == "*":
+        products[0] -= 1
+    left, left_op = _render(rng, left_n, extra_parens, products)
+    right, right_op = _render(rng, operands - left_n, extra_parens, products)
     # parentheses where precedence or left-associativity demand them, plus a few redundant ones
     if (op == "*" and left_op in ("+", "-")) or (left_op and rng.random() < extra_parens):
         left = f"({left})"
-    if (
-        (op == "*" and right_op)
-        or (op == "-" and right_op in ("+", "-"))
-        or (right_op and rng.random() < extra_parens)
-    ):
+    needed = (op == "*" and right_op) or (op == "-" and right_op in ("+", "-"))
+    if needed or (right_op and rng.random() < extra_parens):
         right = f"({right})"
     return left + op + right, op
 
 
 def random_expression(
-    rng: random.Random, min_operands: int = 2, max_operands: int = 3, extra_parens: float = 0.2
+    rng: random.Random,
+    min_operands: int = 2,
+    max_operands: int = 3,
+    extra_parens: float = 0.2,
+    max_products: int = 1,
 ) -> str:
-    """A well-formed expression with ``min_operands..max_operands`` single-digit operands."""
-    return _render(rng, rng.randint(min_operands, max_operands), extra_parens)[0]
+    """A well-formed expression: ``min..max_operands`` single digits, at most ``max_products`` ``*``."""
+    return _render(rng, rng.randint(min_operands, max_operands), extra_parens, [max_products])[0]
 
 
 def corrupt(rng: random.Random, text: str) -> str:

@@ -11,6 +11,8 @@ non-regression tasks' headline metrics, for checkpointing. Epoch-averaged traini
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -28,6 +30,7 @@ from zoo.multitask.tasks import (
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
     TaskSpec,
+    validate_tasks,
 )
 from zoo.multitask.vocab import BOS_ID, EOS_ID, PAD_ID
 from zoo.multitask.weighting import StaticWeighting, TaskWeighting
@@ -84,7 +87,10 @@ class MultitaskModule(ZooModule):
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "weighting"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "weighting", "tasks"])
+        tasks = validate_tasks(tasks)
+        # plain dicts: checkpoints then load with torch.load(weights_only=True)
+        self.hparams["tasks"] = [asdict(t) for t in tasks]
         self.model = MultitaskTransformer(
             vocab_size,
             tasks,
