@@ -6,6 +6,8 @@ base UNet's skip connections; only it trains, so the base model's behaviour is t
 conditioning image is derived from the data itself, the Sobel edge map of each image
 (``zoo.diffusion.images.edge_map``), so the embedded shapes need no annotation. Its embedding network
 downsamples by the autoencoder's factor (one stride-2 stage per factor of two) to reach latent size.
+diffusers' ``ControlNetModel.forward`` takes no cross-attention padding mask, so with captions the
+ControlNet (not the base UNet) also attends to padding tokens.
 """
 
 from __future__ import annotations
@@ -87,7 +89,6 @@ class ControlNetDiffusion(LatentDiffusion):
             controlnet_cond=control,
             conditioning_scale=self.conditioning_scale,
             class_labels=cond.class_labels if uses_labels else None,
-            encoder_attention_mask=cond.context_mask,
             return_dict=False,
         )
         return self.denoiser(noisy_latents, timesteps, cond, down, mid)

@@ -405,6 +405,10 @@ class LatentDiffusion(ZooModule):
             known = init_latents
             if hp.inpainting:
                 concat = self._concat_inputs(init_images, masks)
+        if hp.inpainting and concat is None:  # no mask given: the whole image is the hole
+            side = hp.img_size
+            blank = torch.zeros(n, hp.in_channels, side, side, device=self.device)
+            concat = self._concat_inputs(blank, torch.ones(n, 1, side, side, device=self.device))
         if control_images is not None:
             control_images = control_images.to(self.device)
         model_fn = guided(
