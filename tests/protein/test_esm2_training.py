@@ -120,6 +120,9 @@ def test_validation_perplexity_falls_on_the_embedded_real_proteins(tmp_path):
     trainer.fit(model, data)
     end = trainer.callback_metrics["val/perplexity"].item()
     unigram = _unigram_perplexity(data)
+    print(
+        f"val perplexity {start:.2f} -> {end:.2f} ({end / start:.2f}); amino-acid frequencies {unigram:.2f}"
+    )
     assert end < 0.7 * start, f"validation perplexity {start:.2f} -> {end:.2f}"
     assert end < unigram, (
         f"validation perplexity {end:.2f} is not below amino-acid frequencies' {unigram:.2f}"

@@ -96,6 +96,15 @@ class ESM2Finetuner(ZooModule):
             )
         self.layer = representation_layer % (self.model.num_layers + 1)
         self.alphabet = self.model.alphabet
+        # heads the task does not use (the LM head's own layers; its weight is the shared embedding)
+        # are frozen, so that DDP does not wait for their gradients
+        self.model.contact_head.requires_grad_(False)
+        for module in (self.model.lm_head.dense, self.model.lm_head.layer_norm):
+            module.requires_grad_(False)
+        self.model.lm_head.bias.requires_grad_(False)
+        if self.layer < self.model.num_layers:  # layers above the one read get no gradient either
+            self.model.layers[self.layer :].requires_grad_(False)
+            self.model.emb_layer_norm_after.requires_grad_(False)
         if freeze_backbone:
             self.model.requires_grad_(False)
         if lora_rank:

@@ -156,6 +156,9 @@ class ESM2MaskedLM(ZooModule):
         self.model = build_esm2(size, num_layers, embed_dim, attention_heads, pretrained)
         if not -self.model.num_layers - 1 <= embedding_layer <= self.model.num_layers:
             raise ValueError(f"embedding_layer={embedding_layer} outside 0..{self.model.num_layers} (or -1)")
+        # The contact regression is fitted apart from MLM (logistic regression on a few structures, as
+        # fair-esm's): frozen here, so that DDP does not wait for gradients MLM never produces.
+        self.model.contact_head.requires_grad_(False)
         self.alphabet = self.model.alphabet
         self.contact_metrics = nn.ModuleDict({"val": ContactPrecision(), "test": ContactPrecision()})
         self.setup_metrics()
