@@ -109,6 +109,48 @@ MODELS: tuple[ModelEntry, ...] = (
         "multitask-text",
         "Shared-encoder multitask Transformer: well-formed? / token roles / value generation; static weights",
     ),
+    ModelEntry(
+        "autoencoder_kl_f4",
+        "diffusion/autoencoder_kl_f4.yaml",
+        "image-autoencoding",
+        "LDM stage 1: KL autoencoder f4 (32 px -> 8x8x8), L1 + KL + PatchGAN; params include the discriminator",
+    ),
+    ModelEntry(
+        "autoencoder_vq_f4",
+        "diffusion/autoencoder_vq_f4.yaml",
+        "image-autoencoding",
+        "LDM stage 1: VQ autoencoder f4, 512 codes, spectrally normalised PatchGAN",
+    ),
+    ModelEntry(
+        "ldm_unet_class",
+        "diffusion/ldm_unet_class.yaml",
+        "class-to-image",
+        "Latent diffusion, UNet2DConditionModel, class labels + classifier-free guidance (params include the frozen AE)",
+    ),
+    ModelEntry(
+        "ldm_unet_caption",
+        "diffusion/ldm_unet_caption.yaml",
+        "text-to-image",
+        "Latent diffusion, cross-attention UNet, captions through a jointly trained text transformer",
+    ),
+    ModelEntry(
+        "ldm_dit_class",
+        "diffusion/ldm_dit_class.yaml",
+        "class-to-image",
+        "Latent diffusion with a DiT denoiser (adaLN-Zero, patch 2), class labels, guidance",
+    ),
+    ModelEntry(
+        "ldm_lora",
+        "diffusion/ldm_lora.yaml",
+        "class-to-image",
+        "LoRA (peft, rank 8) on ldm_unet_class's attention; adapters saved apart from the base",
+    ),
+    ModelEntry(
+        "controlnet",
+        "diffusion/controlnet.yaml",
+        "class-to-image",
+        "ControlNet on a frozen ldm_unet_class, steered by each image's edge map",
+    ),
 )
 
 

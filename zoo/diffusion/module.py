@@ -212,7 +212,7 @@ class LatentDiffusion(ZooModule):
             value = latent_scale_factor(
                 lambda b: self.first_stage.encode(b["image"].to(self.device)),
                 datamodule.train_dataloader(),
-                self.hparams.scale_estimation_batches,
+                1 if trainer.fast_dev_run else self.hparams.scale_estimation_batches,
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 all_reduce_sum=(lambda t: strategy.reduce(t.to(self.device), reduce_op="sum").cpu())

@@ -34,16 +34,17 @@ def build_noise_scheduler(
             "rescale_zero_terminal_snr needs prediction_type 'v_prediction': at zero SNR the noise "
             "prediction carries no information about the image (Lin et al. 2024)"
         )
-    return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_start=beta_start,
-        beta_end=beta_end,
-        beta_schedule=BETA_SCHEDULES[beta_schedule],
-        prediction_type=prediction_type,
-        clip_sample=False,
-        rescale_betas_zero_snr=rescale_zero_terminal_snr,
-        timestep_spacing="trailing" if rescale_zero_terminal_snr else "leading",
-    )
+    with torch.device("cpu"):  # the schedule's tables are CPU tensors even under a meta/cuda default device
+        return DDPMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=BETA_SCHEDULES[beta_schedule],
+            prediction_type=prediction_type,
+            clip_sample=False,
+            rescale_betas_zero_snr=rescale_zero_terminal_snr,
+            timestep_spacing="trailing" if rescale_zero_terminal_snr else "leading",
+        )
 
 
 def build_sampler(name: str, noise_scheduler: DDPMScheduler):
@@ -58,7 +59,8 @@ def build_sampler(name: str, noise_scheduler: DDPMScheduler):
         extra = {"algorithm_type": "dpmsolver++", "solver_order": 2}
         if config.get("rescale_betas_zero_snr"):
             extra["final_sigmas_type"] = "zero"
-    return SAMPLERS[name].from_config(config, **extra)
+    with torch.device("cpu"):
+        return SAMPLERS[name].from_config(config, **extra)
 
 
 def snr(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
