@@ -430,6 +430,7 @@ class MultitaskDataModule(SplitDataModule):
         min_operands: int = 2,
         max_operands: int = 3,
         max_products: int = 1,
+        held_out: bool = True,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -506,6 +507,7 @@ class MultitaskDataModule(SplitDataModule):
             if hp.data_dir is None:
                 ops = (hp.min_operands, hp.max_operands, hp.max_products)
                 train, seen = arithmetic_examples(spec, vocab, hp.train_size, hp.seed, *ops)
+                seen = seen if hp.held_out else set()
                 val, val_texts = arithmetic_examples(
                     spec, vocab, hp.val_size, hp.seed + 1, *ops, exclude=seen
                 )

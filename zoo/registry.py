@@ -110,6 +110,30 @@ MODELS: tuple[ModelEntry, ...] = (
         "Shared-encoder multitask Transformer: well-formed? / token roles / value generation; static weights",
     ),
     ModelEntry(
+        "multitask_arithmetic_uncertainty",
+        "multitask/arithmetic_uncertainty.yaml",
+        "multitask-text",
+        "Multitask arithmetic with uncertainty weighting (Kendall et al. 2018)",
+    ),
+    ModelEntry(
+        "multitask_arithmetic_dwa",
+        "multitask/arithmetic_dwa.yaml",
+        "multitask-text",
+        "Multitask arithmetic with Dynamic Weight Average (Liu et al. 2019)",
+    ),
+    ModelEntry(
+        "multitask_arithmetic_gradnorm",
+        "multitask/arithmetic_gradnorm.yaml",
+        "multitask-text",
+        "Multitask arithmetic with GradNorm (Chen et al. 2018), alpha 1.5",
+    ),
+    ModelEntry(
+        "multitask_arithmetic_loss_trend",
+        "multitask/arithmetic_loss_trend.yaml",
+        "multitask-text",
+        "Multitask arithmetic; weights raised for tasks whose loss stalls",
+    ),
+    ModelEntry(
         "autoencoder_kl_f4",
         "diffusion/autoencoder_kl_f4.yaml",
         "image-autoencoding",
