@@ -177,13 +177,15 @@ class ImageClassifier(ZooModule):
             logits = self(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
             self.update_metrics("train", logits.detach(), labels)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(labels))
         return loss
 
     def _evaluate(self, batch: dict, stage: str) -> torch.Tensor:
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"])
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.log(
+            f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(batch["label"])
+        )
         self.update_metrics(stage, logits, batch["label"])
         return loss
 
