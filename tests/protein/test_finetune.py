@@ -169,5 +169,10 @@ def test_lora_trains_only_adapters_and_merges_back(tmp_path):
 def test_frozen_backbone_trains_only_the_head():
     model = ESM2SequencePredictor(freeze_backbone=True, **TINY)
     assert all(n.startswith("head.") for n, p in model.named_parameters() if p.requires_grad)
+    # only what produces the loss trains (DDP waits for every trainable parameter's gradient)
+    partial = ESM2SequencePredictor(representation_layer=1, **TINY)
+    trainable = {n.split(".")[0] for n, p in partial.model.named_parameters() if p.requires_grad}
+    assert trainable == {"embed_tokens", "layers"}
+    assert not any(p.requires_grad for p in partial.model.layers[1].parameters())
     with pytest.raises(ValueError, match="already freezes"):
         ESM2SequencePredictor(freeze_backbone=True, lora_rank=4, **TINY)
