@@ -4,7 +4,8 @@
   (fixed seed, so grids are comparable across epochs), logs the grid to loggers that take images and
   writes it as ``<log_dir>/samples/epoch=N.png``, so it is visible even with the CSV logger.
 - ``SampleGridWriter``: a ``BasePredictionWriter`` for ``zoo predict``; one PNG grid per prompt
-  (``<index>_<prompt>.png``, a row of ``samples_per_prompt`` images) and one ``all.png`` with a row per prompt.
+  (``<index>_<prompt>.png``, a row of ``samples_per_prompt`` images) and one ``all.png`` with a row per
+  prompt, under ``output_dir`` (default ``<trainer.default_root_dir>/samples``).
 """
 
 from __future__ import annotations
@@ -61,20 +62,19 @@ class SampleGridLogger(Callback):
 class SampleGridWriter(BasePredictionWriter):
     """Write each prompt's samples (``LatentDiffusion.predict_step`` output) as PNG grids under ``output_dir``."""
 
-    def __init__(self, output_dir: str = "samples") -> None:
+    def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="epoch")
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(output_dir) if output_dir else None
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        out = self.output_dir or Path(trainer.default_root_dir) / "samples"
         rows = []
         for output in predictions:
             for images, name, index in zip(output["images"], output["name"], output["index"]):
                 row = to_unit_range(images)
-                save_png(
-                    make_grid(row, nrow=len(row)), self.output_dir / f"{int(index):03d}_{_slug(name)}.png"
-                )
+                save_png(make_grid(row, nrow=len(row)), out / f"{int(index):03d}_{_slug(name)}.png")
                 rows.append(row)
         if rows:
             everything = torch.cat(rows)
-            save_png(make_grid(everything, nrow=len(rows[0])), self.output_dir / "all.png")
-            print(f"zoo: {len(rows)} sample grids written to {self.output_dir}", flush=True)
+            save_png(make_grid(everything, nrow=len(rows[0])), out / "all.png")
+            print(f"zoo: {len(rows)} sample grids written to {out}", flush=True)
