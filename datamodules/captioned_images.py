@@ -9,8 +9,9 @@ should not) encode. ``noise`` puts it back. Real data is a folder of images with
 ``val_fraction`` with a fixed seed. Problems (a missing caption, an unreadable image, a malformed JSONL
 line) are reported with the file and line when the data module is set up.
 
-Batches are ``{"image": (B, 3, H, W) in [-1, 1], "label": (B,), "caption": list[str]}``; ``label`` is
--1 where the data has none. ``predict_dataloader`` serves the prompts of ``predict_file`` (one per line:
+Batches are ``{"image": (B, 3, H, W) in [-1, 1], "label": (B,), "caption": list[str], "index": (B,)}``;
+``label`` is -1 where the data has none; ``index`` identifies the image within its dataset (what a
+latent cache is keyed by). Only ``random_flip`` changes an image between epochs. ``predict_dataloader`` serves the prompts of ``predict_file`` (one per line:
 a class name, a class index, or a free caption) for ``zoo predict``.
 """
 
@@ -64,7 +65,8 @@ class CaptionedShapesDataset(Dataset):
         if item is None:
             sample = render_shapes(index, **self._args)
             image = torch.from_numpy(sample.image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-            item = self._cache[index] = {"image": image, "label": sample.label, "caption": sample.caption}
+            item = {"image": image, "label": sample.label, "caption": sample.caption, "index": index}
+            self._cache[index] = item
         return item
 
 
@@ -144,7 +146,7 @@ class CaptionedFolderDataset(Dataset):
         path, caption, label = self.records[index]
         with Image.open(path) as image:
             tensor = self.transform(image.convert("RGB"))
-        return {"image": tensor, "label": label, "caption": caption}
+        return {"image": tensor, "label": label, "caption": caption, "index": index}
 
 
 class _Prompts(Dataset):
@@ -239,6 +241,7 @@ class CaptionedImageDataModule(SplitDataModule):
             "image": torch.stack([i["image"] for i in items]),
             "label": torch.tensor([i["label"] for i in items]),
             "caption": [i["caption"] for i in items],
+            "index": torch.tensor([i["index"] for i in items]),
         }
         if self.hparams.random_flip and self.trainer is not None and self.trainer.training:
             flip = torch.rand(len(items)) < 0.5

@@ -254,3 +254,19 @@ def test_controlnet_starts_as_the_base_and_trains_alone(tiny_ldm_kwargs, batch, 
         control(x, t, cond)
     samples = control.generate(labels=[0, 1], control_images=edges, steps=2)
     assert samples.shape == (2, 3, 16, 16)
+
+
+def test_latent_cache_encodes_each_image_once_and_changes_nothing(tiny_ldm_kwargs, batch):
+    cached = LatentDiffusion(**{**tiny_ldm_kwargs, "cache_latents": True})
+    plain = LatentDiffusion(**tiny_ldm_kwargs)
+    plain.load_state_dict(cached.state_dict())
+    calls = []
+    encode = cached.first_stage.encode
+    cached.first_stage.encode = lambda images, **kw: calls.append(len(images)) or encode(images, **kw)
+    for _ in range(2):
+        losses = [
+            m.diffusion_loss(batch, generator=torch.Generator().manual_seed(1), training=True)
+            for m in (cached, plain)
+        ]
+        assert torch.allclose(losses[0], losses[1])
+    assert calls == [len(batch["image"])]  # the second pass came from the cache

@@ -68,6 +68,9 @@ class LatentDiffusion(ZooModule):
         beta_schedule: ``"linear"``, ``"scaled_linear"`` or ``"cosine"``; num_train_timesteps, beta_start/end.
         rescale_zero_terminal_snr / prediction_type / snr_gamma / noise_offset: diffusers' training options.
         gradient_checkpointing: recompute the denoiser's activations in backward.
+        cache_latents: encode each training image once and keep its latent (CPU memory, keyed by the
+            batch's ``index``): the frozen encoder then costs nothing after the first epoch. Only for
+            data without random augmentation (refused with ``random_flip``).
         base_checkpoint: a ``LatentDiffusion`` checkpoint to start from (LoRA and ControlNet fine-tuning).
         lora_rank / lora_alpha / lora_targets: train only LoRA adapters (peft) on the denoiser's attention.
         sampler / sampling_steps / guidance_scale / eta / negative_prompt / samples_per_prompt / seed:
@@ -102,6 +105,7 @@ class LatentDiffusion(ZooModule):
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         gradient_checkpointing: bool = False,
+        cache_latents: bool = False,
         base_checkpoint: str | None = None,
         lora_rank: int = 0,
         lora_alpha: float | None = None,
@@ -164,6 +168,7 @@ class LatentDiffusion(ZooModule):
             self.requires_grad_(False)
             add_lora(self.denoiser.model, lora_rank, lora_alpha, lora_targets)
         self.first_stage.requires_grad_(False)
+        self._latent_cache: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------- set-up
     def load_base_checkpoint(self, path: str) -> None:
@@ -190,6 +195,9 @@ class LatentDiffusion(ZooModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.cache_latents and getattr(getattr(datamodule, "hparams", None), "random_flip", False):
+            raise ValueError("cache_latents needs unaugmented data: the data module has random_flip=True")
         if float(self.scale_factor) == 0.0:
             self.estimate_scale_factor()
         if isinstance(self.hparams.autoencoder, dict):
@@ -281,11 +289,27 @@ class LatentDiffusion(ZooModule):
         return None
 
     # ------------------------------------------------------------- training
+    def _training_latents(self, batch: dict) -> torch.Tensor:
+        """Scaled latents of a training batch, from the cache where possible."""
+        if not (self.hparams.cache_latents and "index" in batch):
+            return self.encode(batch["image"])
+        keys = batch["index"].tolist()
+        missing = [i for i, k in enumerate(keys) if k not in self._latent_cache]
+        if missing:
+            fresh = self.first_stage.encode(batch["image"][missing]).detach().cpu()
+            self._latent_cache.update({keys[i]: z for i, z in zip(missing, fresh)})
+        unscaled = torch.stack([self._latent_cache[k] for k in keys]).to(self.device)
+        return unscaled * self._require_scale()
+
     def diffusion_loss(
-        self, batch: dict, generator: torch.Generator | None = None, dropout: float = 0.0
+        self,
+        batch: dict,
+        generator: torch.Generator | None = None,
+        dropout: float = 0.0,
+        training: bool = False,
     ) -> torch.Tensor:
         images = batch["image"]
-        latents = self.encode(images)
+        latents = self._training_latents(batch) if training else self.encode(images)
         b = latents.shape[0]
         concat = None
         if self.hparams.inpainting:
@@ -311,7 +335,7 @@ class LatentDiffusion(ZooModule):
         return (per_sample * weights).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch, dropout=self.hparams.condition_dropout)
+        loss = self.diffusion_loss(batch, dropout=self.hparams.condition_dropout, training=True)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["image"]))
         return loss
 
