@@ -194,7 +194,7 @@ class TaskBatchSampler(Sampler):
     def __init__(
         self,
         lengths: dict[str, list[int]],
-        batch_size: int,
+        batch_size: int | dict[str, int],
         policy: str = "sequential",
         shuffle: bool = True,
         bucket_size: int = 50,
@@ -204,9 +204,11 @@ class TaskBatchSampler(Sampler):
             raise ValueError(
                 f"unknown task sampling policy {policy!r}; expected one of {', '.join(self.POLICIES)}"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.lengths, self.batch_size, self.policy = lengths, batch_size, policy
+        sizes = batch_size if isinstance(batch_size, dict) else dict.fromkeys(lengths, batch_size)
+        for task in lengths:
+            if sizes.get(task, 0) < 1:
+                raise ValueError(f"task {task!r}: batch size must be >= 1, got {sizes.get(task)}")
+        self.lengths, self.batch_sizes, self.policy = lengths, sizes, policy
         self.shuffle, self.bucket_size, self.seed = shuffle, bucket_size, seed
         self.epoch = 0
 
@@ -218,7 +220,7 @@ class TaskBatchSampler(Sampler):
         per_task = {
             task: [
                 (task, tuple(b))
-                for b in bucketed_batches(lengths, self.batch_size, self.bucket_size, generator)
+                for b in bucketed_batches(lengths, self.batch_sizes[task], self.bucket_size, generator)
             ]
             for task, lengths in self.lengths.items()
         }
@@ -409,6 +411,9 @@ class MultitaskDataModule(SplitDataModule):
         tokenizer: ``char`` or ``whitespace``, for JSONL ``text`` fields.
         mode: ``max_size_cycle`` | ``min_size`` | ``max_size`` (``CombinedLoader``: a batch of every
             task per step) or ``round_robin`` | ``proportional`` (one task per step).
+        task_batch_sizes: per-task training batch sizes overriding ``batch_size`` (e.g. smaller
+            batches for tasks that learn quickly; under ``min_size`` the task with the fewest
+            batches sets the epoch, the others see a fresh random part of their data each epoch).
         bucket_size: pool size, in batches, of length bucketing (0: off).
         train_size / val_size / test_size: examples per embedded task and split.
         min_operands / max_operands / max_products: size of the embedded expressions (operands,
@@ -422,6 +427,7 @@ class MultitaskDataModule(SplitDataModule):
         tokenizer: str = "char",
         mode: str = "max_size_cycle",
         batch_size: int = 64,
+        task_batch_sizes: dict[str, int] | None = None,
         eval_batch_size: int | None = None,
         bucket_size: int = 50,
         train_size: int = 8000,
@@ -453,6 +459,9 @@ class MultitaskDataModule(SplitDataModule):
         if not 1 <= min_operands <= max_operands:
             raise ValueError(f"need 1 <= min_operands <= max_operands, got {min_operands}, {max_operands}")
         self.tasks = specs
+        unknown = set(task_batch_sizes or {}) - {t.name for t in specs}
+        if unknown:
+            raise ValueError(f"task_batch_sizes names undeclared task(s) {sorted(unknown)}")
         self.hparams["tasks"] = [asdict(t) for t in specs]  # plain dicts: checkpoints load weights-only
         self._vocabulary: Vocabulary | None = None
         self._pairs: dict[str, dict[str, list]] | None = None
@@ -535,7 +544,10 @@ class MultitaskDataModule(SplitDataModule):
         self, datasets: dict[str, TaskDataset], policy: str, shuffle: bool, keyed: bool
     ) -> DataLoader:
         hp = self.hparams
-        batch_size = hp.batch_size if shuffle else (hp.eval_batch_size or hp.batch_size)
+        if shuffle:
+            batch_size = {name: (hp.task_batch_sizes or {}).get(name, hp.batch_size) for name in datasets}
+        else:
+            batch_size = hp.eval_batch_size or hp.batch_size
         sampler = TaskBatchSampler(
             {name: d.lengths for name, d in datasets.items()},
             batch_size,

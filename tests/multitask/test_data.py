@@ -95,6 +95,21 @@ def test_combined_loader_modes(mode, steps):
     assert missing == (5 if mode == "max_size" else 0)
 
 
+def test_per_task_batch_sizes_under_min_size():
+    tasks = [ARITHMETIC_TASKS["wellformed"], ARITHMETIC_TASKS["value"]]
+    dm = MultitaskDataModule(
+        tasks=tasks, mode="min_size", batch_size=32, task_batch_sizes={"wellformed": 8},
+        train_size=128, val_size=8, test_size=8,
+    )  # fmt: skip
+    dm.setup("fit")
+    batches = [b for b, _, _ in dm.train_dataloader()]
+    assert len(batches) == 4  # value: 128 / 32 batches bound the epoch; wellformed has 16 of 8
+    assert {len(b["wellformed"]["input_ids"]) for b in batches} == {8}
+    assert {len(b["value"]["input_ids"]) for b in batches} == {32}
+    with pytest.raises(ValueError, match=r"task_batch_sizes names undeclared task\(s\) \['roles'\]"):
+        MultitaskDataModule(tasks=tasks, task_batch_sizes={"roles": 8})
+
+
 def test_fit_rejects_the_sequential_mode_with_an_explanation():
     dm = MultitaskDataModule(mode="sequential", train_size=32, val_size=8, test_size=8)
     with pytest.raises(ValueError, match="mode='sequential' cannot be used to fit"):
