@@ -40,7 +40,11 @@ class ZooCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
+        # Checkpoints are written atomically (zoo.checkpointing.AtomicCheckpointIO) unless a config names plugins.
+        kwargs.setdefault(
+            "trainer_defaults",
+            {"default_root_dir": "runs", "plugins": [{"class_path": "zoo.checkpointing.AtomicCheckpointIO"}]},
+        )
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:

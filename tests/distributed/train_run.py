@@ -1,0 +1,190 @@
+"""One short training run of a zoo model, launched by the tests in this folder as a subprocess.
+
+A script, because DDP and ``ModelParallelStrategy`` re-launch the running command once per rank, and
+because the resume test kills it with SIGKILL.
+
+    python train_run.py OUT FAMILY STRATEGY MAX_STEPS [--ckpt-every N] [--resume CKPT] [--step-delay S]
+                        [--fixed-masks]
+
+FAMILY is ``vit`` or ``esm2`` (tiny sizes); STRATEGY ``single``, ``ddp`` or ``fsdp2`` (2 gloo processes).
+The global batch is 8 (4 a rank on 2 processes), 48 samples an epoch (6 steps), so the data each optimizer
+step sees is the same for every strategy. Rank 0 writes ``OUT/result.pt``: the global-mean loss of every
+step, and at the end the full weights, optimizer and scheduler state, EMA weights and logged metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from zoo.callbacks import EMA
+from zoo.checkpointing import AtomicCheckpointIO, ResumableDataLoader, ResumeState
+from zoo.optim import WarmupCosineLR
+from zoo.protein import Alphabet, ESM2MaskedLM
+from zoo.vision import ImageClassifier
+
+SAMPLES, GLOBAL_BATCH, LENGTH = 48, 8, 16
+
+
+class ImageSet(Dataset):
+    def __init__(self, size: int) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.images, self.labels = (
+            torch.randn(size, 3, 32, 32, generator=g),
+            torch.randint(0, 12, (size,), generator=g),
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+class ProteinSet(Dataset):
+    """Fixed-length random sequences; ``inputs``/``labels`` mask exactly 3 residues a row (for ``--fixed-masks``)."""
+
+    def __init__(self, size: int) -> None:
+        alphabet, g = Alphabet(), torch.Generator().manual_seed(2)
+        amino = torch.tensor(alphabet.amino_acid_ids)
+        body = amino[torch.randint(len(amino), (size, LENGTH), generator=g)]
+        cls, eos = torch.full((size, 1), alphabet.cls_idx), torch.full((size, 1), alphabet.eos_idx)
+        self.tokens = torch.cat([cls, body, eos], 1)
+        positions = torch.argsort(torch.rand(size, LENGTH, generator=g), 1)[:, :3] + 1
+        self.labels = torch.full_like(self.tokens, -100).scatter(
+            1, positions, self.tokens.gather(1, positions)
+        )
+        self.inputs = self.tokens.scatter(1, positions, alphabet.mask_idx)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"tokens": self.tokens[i], "inputs": self.inputs[i], "labels": self.labels[i]}
+
+
+class FixedMaskESM2(ESM2MaskedLM):
+    """The same masks on every strategy: equal token counts per rank make the global loss the mean of ranks'."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["inputs"])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+        self.log("train/loss", loss, sync_dist=True, batch_size=len(logits))
+        return loss
+
+
+class RecordLosses(Callback):
+    def __init__(self, delay: float) -> None:
+        self.losses, self.delay = [], delay
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")
+        self.losses.append(float(loss))
+        time.sleep(self.delay)  # lets the resume test kill the run between two checkpoints
+
+
+def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, value in module.state_dict().items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        state[name] = value.detach().clone().cpu()
+    return state
+
+
+def build_model(family: str, fixed_masks: bool):
+    optimizer = lambda params: torch.optim.AdamW(params, lr=1e-3)  # noqa: E731
+    scheduler = lambda opt: WarmupCosineLR(opt, warmup_steps=2)  # noqa: E731
+    if family == "vit":
+        return ImageClassifier(
+            "vit_tiny_patch16_224",
+            num_classes=12,
+            img_size=32,
+            patch_size=8,
+            model_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 3},
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+        ), ImageSet
+    cls = FixedMaskESM2 if fixed_masks else ESM2MaskedLM
+    return cls(
+        num_layers=2, embed_dim=32, attention_heads=4, optimizer=optimizer, lr_scheduler=scheduler
+    ), ProteinSet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("family", choices=["vit", "esm2"])
+    parser.add_argument("strategy", choices=["single", "ddp", "fsdp2"])
+    parser.add_argument("max_steps", type=int)
+    parser.add_argument("--ckpt-every", type=int, default=0)
+    parser.add_argument("--resume")
+    parser.add_argument("--step-delay", type=float, default=0.0)
+    parser.add_argument("--fixed-masks", action="store_true")
+    args = parser.parse_args()
+
+    L.seed_everything(0)
+    processes = 1 if args.strategy == "single" else 2
+    strategy = {
+        "single": "auto",
+        "ddp": DDPStrategy(process_group_backend="gloo"),
+        "fsdp2": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+    }[args.strategy]
+    model, dataset_cls = build_model(args.family, args.fixed_masks)
+    ema, losses = EMA(decay=0.9, warmup=True), RecordLosses(args.step_delay)
+    callbacks = [ema, losses, ResumeState()]
+    if args.ckpt_every:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=f"{args.out}/checkpoints",
+                every_n_train_steps=args.ckpt_every,
+                save_top_k=-1,
+                save_last=True,
+            )
+        )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=processes,
+        strategy=strategy,
+        plugins=[AtomicCheckpointIO()] if args.strategy != "fsdp2" else None,
+        max_steps=args.max_steps,
+        limit_val_batches=2,
+        logger=False,
+        enable_checkpointing=bool(args.ckpt_every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=args.out,
+        callbacks=callbacks,
+    )
+    loader = ResumableDataLoader(dataset_cls(SAMPLES), batch_size=GLOBAL_BATCH // processes, shuffle=True)
+    val_loader = ResumableDataLoader(dataset_cls(16), batch_size=GLOBAL_BATCH // processes)
+    trainer.fit(model, loader, val_loader, ckpt_path=args.resume)
+
+    weights, ema_state = full_state(model), ema.state_dict()  # collectives under FSDP2: every rank calls
+    if trainer.is_global_zero:
+        optimizer = trainer.optimizers[0].state_dict() if args.strategy != "fsdp2" else None
+        result = {
+            "losses": losses.losses,
+            "weights": weights,
+            "ema": dict(zip(ema_state["names"], ema_state["ema"])),
+            "optimizer": optimizer,
+            "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "global_step": trainer.global_step,
+        }
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        torch.save(result, f"{args.out}/result.pt")
+
+
+if __name__ == "__main__":
+    main()
