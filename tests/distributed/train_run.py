@@ -86,11 +86,12 @@ class FixedMaskESM2(ESM2MaskedLM):
 
 class RecordLosses(Callback):
     def __init__(self, delay: float) -> None:
-        self.losses, self.delay = [], delay
+        self.losses, self.batches, self.delay = [], [], delay
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")
         self.losses.append(float(loss))
+        self.batches.append(float(next(iter(batch.values())).float().sum()))  # identifies the batch's samples
         time.sleep(self.delay)  # lets the resume test kill the run between two checkpoints
 
 
@@ -175,6 +176,7 @@ def main() -> None:
         optimizer = trainer.optimizers[0].state_dict() if args.strategy != "fsdp2" else None
         result = {
             "losses": losses.losses,
+            "batches": losses.batches,
             "weights": weights,
             "ema": dict(zip(ema_state["names"], ema_state["ema"])),
             "optimizer": optimizer,
