@@ -232,8 +232,18 @@ class ResumableDataLoader(DataLoader):
             yield batch
         self._skipping = 0
 
-    # ``len()`` goes through ``_index_sampler``: while a resumed epoch runs it counts the batches still to
-    # come, which is what Lightning's fetcher reads right after ``iter()`` to spot the epoch's last batch.
+    def __len__(self) -> int:
+        """The whole epoch's batch count, also while a resumed epoch skips its first batches.
+
+        Lightning reads ``len()`` right after ``iter()`` and keeps it as ``num_training_batches`` for every
+        later epoch; its batch counter resumes at the checkpoint's position, so the resumed epoch ends when
+        the counter reaches the full length. A shortened length here would end every later epoch early.
+        """
+        skipping, self._skipping = self._skipping, 0
+        try:
+            return super().__len__()
+        finally:
+            self._skipping = skipping
 
     def state_dict(self) -> dict[str, int]:
         return {"batches_yielded": self._yielded}

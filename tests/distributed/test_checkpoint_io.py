@@ -1,0 +1,134 @@
+"""Crash-safe checkpoint writes and clear errors for unusable checkpoints (fast, one process)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from zoo import checkpointing
+from zoo.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    ResumableDataLoader,
+    check_checkpoint_matches,
+)
+
+
+def good_checkpoint() -> dict:
+    return {"state_dict": {"weight": torch.arange(1000.0)}, "global_step": 7}
+
+
+def test_save_then_load_round_trip(tmp_path):
+    io_plugin = AtomicCheckpointIO()
+    io_plugin.save_checkpoint(good_checkpoint(), tmp_path / "a" / "model.ckpt")
+    loaded = io_plugin.load_checkpoint(tmp_path / "a" / "model.ckpt")
+    assert loaded["global_step"] == 7 and torch.equal(loaded["state_dict"]["weight"], torch.arange(1000.0))
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["model.ckpt"]  # no temporary file left
+
+
+def test_crash_while_writing_keeps_the_good_file(tmp_path, monkeypatch):
+    """``torch.save`` dies after writing part of the bytes: the old file stays whole, no partial file remains."""
+    target = tmp_path / "last.ckpt"
+    io_plugin = AtomicCheckpointIO()
+    io_plugin.save_checkpoint(good_checkpoint(), target)
+    before = target.read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, handle, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # half the bytes reach the disk
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(checkpointing.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io_plugin.save_checkpoint({"state_dict": {"weight": torch.zeros(5000)}, "global_step": 8}, target)
+    monkeypatch.undo()
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert io_plugin.load_checkpoint(target)["global_step"] == 7
+
+
+def test_empty_file_is_named(tmp_path):
+    path = tmp_path / "empty.ckpt"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.ckpt: empty file \(0 bytes\)"):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = tmp_path / "cut.ckpt"
+    AtomicCheckpointIO().save_checkpoint(good_checkpoint(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CheckpointError, match=rf"cut\.ckpt: not a readable checkpoint \({len(data) // 2} bytes"
+    ):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_corrupt_bytes_are_named(tmp_path):
+    path = tmp_path / "noise.ckpt"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(
+        CheckpointError, match=r"noise\.ckpt: not a readable checkpoint.*truncated or corrupt"
+    ):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_not_a_dictionary_is_named(tmp_path):
+    path = tmp_path / "tensor.ckpt"
+    torch.save(torch.ones(3), path)
+    with pytest.raises(
+        CheckpointError, match=r"tensor\.ckpt: holds a Tensor, expected a checkpoint dictionary"
+    ):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "nowhere.ckpt")
+
+
+def test_mismatched_checkpoint_lists_every_difference():
+    model = {
+        "encoder.weight": torch.zeros(4, 8),
+        "encoder.bias": torch.zeros(4),
+        "head.weight": torch.zeros(2, 4),
+    }
+    saved = {
+        "encoder.weight": torch.zeros(4, 16),
+        "encoder.bias": torch.zeros(4),
+        "extra.scale": torch.ones(1),
+    }
+    with pytest.raises(CheckpointError) as error:
+        check_checkpoint_matches(model, saved, "run3/last.ckpt")
+    message = str(error.value)
+    assert message.startswith("run3/last.ckpt does not match the model")
+    assert "encoder.weight: checkpoint (4, 16) vs model (4, 8)" in message
+    assert "missing from the checkpoint: head.weight" in message
+    assert "not in the model: extra.scale" in message
+    assert "encoder.bias" not in message
+    check_checkpoint_matches(model, dict(model), "same.ckpt")  # a matching one passes silently
+
+
+def test_resumable_loader_skips_consumed_batches_and_keeps_full_length():
+    """The resumed epoch yields exactly the batches the interrupted one had left; ``len`` stays the epoch's."""
+    data = torch.arange(48.0)
+    reference = [b.tolist() for b in ResumableDataLoader(data, batch_size=8, shuffle=True, seed=3)]
+    loader = ResumableDataLoader(data, batch_size=8, shuffle=True, seed=3)
+    iterator = iter(loader)
+    for _ in range(4):
+        next(iterator)
+    state = loader.state_dict()
+    assert state == {"batches_yielded": 4}
+
+    resumed = ResumableDataLoader(data, batch_size=8, shuffle=True, seed=3)
+    resumed.load_state_dict(state)
+    rest = iter(resumed)
+    assert len(resumed) == 6  # Lightning keeps this as the epoch length for every later epoch
+    assert [b.tolist() for b in rest] == reference[4:]
+    assert resumed.state_dict() == {"batches_yielded": 6}
+    assert [b.tolist() for b in resumed] == reference  # the next iteration is a whole epoch again
