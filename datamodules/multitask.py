@@ -461,7 +461,10 @@ class MultitaskDataModule(SplitDataModule):
         self.tasks = specs
         unknown = set(task_batch_sizes or {}) - {t.name for t in specs}
         if unknown:
-            raise ValueError(f"task_batch_sizes names undeclared task(s) {sorted(unknown)}")
+            raise ValueError(
+                f"task_batch_sizes names undeclared task(s) {sorted(unknown)}; the declared tasks are "
+                f"{', '.join(t.name for t in specs)} (override task_batch_sizes along with tasks)"
+            )
         self.hparams["tasks"] = [asdict(t) for t in specs]  # plain dicts: checkpoints load weights-only
         self._vocabulary: Vocabulary | None = None
         self._pairs: dict[str, dict[str, list]] | None = None

@@ -31,7 +31,7 @@ def test_default_config_learns_every_task(tmp_path):
     )
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 300
-    assert metrics["val/wellformed/acc"] >= 0.80
+    assert metrics["val/wellformed/acc"] >= 0.70
     assert metrics["val/roles/token_acc"] >= 0.95
     assert metrics["val/value/token_acc"] >= 0.50
-    assert metrics["val/value/exact_match"] >= 0.03
+    assert metrics["val/value/exact_match"] >= 0.02

@@ -132,6 +132,7 @@ def test_tasks_declared_in_yaml_reach_the_model():
             "--config",
             str(CONFIGS / "multitask" / "arithmetic.yaml"),
             f"--data.init_args.tasks={tasks}",
+            "--data.init_args.task_batch_sizes={roles: 16}",
             "--model.init_args.weighting=UncertaintyWeighting",
             "--trainer.logger=false",
         ],
@@ -140,4 +141,21 @@ def test_tasks_declared_in_yaml_reach_the_model():
     assert list(cli.model.tasks) == ["roles", "value"]
     assert cli.model.weighting.weights()["roles"] == pytest.approx(2.5)
     assert isinstance(cli.model.weighting, UncertaintyWeighting)
+    assert cli.datamodule.hparams.task_batch_sizes == {"roles": 16}
     assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size == 19
+
+
+def test_test_and_predict_run_on_every_task(tmp_path):
+    L.seed_everything(0)
+    dm = data()
+    model = module(dm)
+    run = trainer(tmp_path, max_epochs=1)
+    run.fit(model, dm)
+    tested = run.test(model, dm, verbose=False)[0]
+    assert {"test/wellformed/acc", "test/roles/token_acc", "test/value/exact_match", "test/score"} <= set(
+        tested
+    )
+    predictions = run.predict(model, dm)
+    by_task = {task: out for batch in predictions for task, out in batch.items()}
+    assert by_task["wellformed"].dtype == torch.long and by_task["wellformed"].ndim == 1
+    assert by_task["roles"].ndim == 2 and by_task["value"].ndim == 2
