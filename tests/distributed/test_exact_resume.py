@@ -52,11 +52,6 @@ def assert_same(resumed, reference) -> None:
     assert "val/loss" in reference["metrics"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: after a mid-epoch resume, steps 5-8 and the weights at step 8 match exactly, but the 3rd "
-    "batch of the next epoch differs (ResumableDataLoader alone replays correctly; Lightning's loop does not yet)",
-)
 @pytest.mark.parametrize("family", ["vit", "esm2"])
 def test_sigkill_mid_epoch_then_resume_is_exact(family, tmp_path):
     reference = run(tmp_path / "full", family, "single", STEPS, "--ckpt-every", str(EVERY))
