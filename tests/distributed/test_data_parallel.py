@@ -9,6 +9,8 @@ from tests.distributed.runs import run
 
 pytestmark = pytest.mark.distributed
 
+WEIGHT_ATOL = 5e-5  # see the comment in the test
+
 
 @pytest.fixture(scope="module")
 def single_runs(tmp_path_factory):
@@ -23,8 +25,11 @@ def test_two_processes_match_one(family, strategy, single_runs, tmp_path):
     parallel = run(tmp_path, family, strategy, 3, "--fixed-masks")
     assert len(parallel["losses"]) == 3
     torch.testing.assert_close(parallel["losses"], single["losses"], rtol=0, atol=1e-5)
+    # Gradients summed in another order (two half batches, then all-reduce) differ by float rounding; AdamW
+    # divides by sqrt(v), so where a gradient is tiny that rounding reaches the update, whose size is about the
+    # learning rate (1e-3) a step. Measured: <= 1.1e-5 after 3 steps (ViT DDP). WEIGHT_ATOL is 5% of one step.
     for name, value in single["weights"].items():
-        torch.testing.assert_close(parallel["weights"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(parallel["weights"][name], value, rtol=1e-4, atol=WEIGHT_ATOL, msg=name)
     for name, value in single["ema"].items():
-        torch.testing.assert_close(parallel["ema"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(parallel["ema"][name], value, rtol=1e-4, atol=WEIGHT_ATOL, msg=name)
     assert parallel["scheduler"]["last_epoch"] == single["scheduler"]["last_epoch"] == 3
