@@ -16,6 +16,10 @@ What Lightning leaves open, and what is built here:
   numbers in ``training_step`` (ESM-2's masking, mixup, dropout) continues differently after a resume. This
   callback saves the torch / numpy / python generator states and puts them back right before the first
   resumed batch (not at load time: building the dataloader iterator draws from torch's generator in between).
+- ``consolidate_checkpoint`` (``python -m zoo.checkpointing consolidate DIR OUT``): the sharded directory
+  that FSDP2 / FSDP write (``torch.distributed.checkpoint`` format) becomes one ordinary ``.ckpt`` file that
+  a single process loads (``Model.load_from_checkpoint``, ``zoo validate --ckpt_path``). Lightning's reader
+  does the merging; this names the keys the way the Trainer loads them and writes atomically.
 - ``check_checkpoint_matches``: a mismatched checkpoint (another model, another size) fails with the list
   of keys and shapes that differ, and the file's name.
 """
@@ -43,6 +47,7 @@ __all__ = [
     "SeededSampler",
     "atomic_torch_save",
     "check_checkpoint_matches",
+    "consolidate_checkpoint",
 ]
 
 
@@ -149,6 +154,31 @@ def check_checkpoint_matches(
         + listing("missing from the checkpoint", missing)
         + listing("not in the model", unexpected)
     )
+
+
+def consolidate_checkpoint(folder: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]:
+    """Merge a sharded (distributed) checkpoint directory into one Trainer-loadable file; returns it.
+
+    Needs the whole model and optimizer state in CPU memory once. FSDP1 stores the weights under ``model``,
+    FSDP2 (``ModelParallelStrategy``) under ``state_dict``; optimizers are ``optimizer_0``, ``optimizer_1``...
+    """
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{folder}: not a sharded checkpoint directory (a single file needs no consolidation)"
+        )
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{folder}: no `.metadata` file, not a torch.distributed.checkpoint directory")
+    checkpoint = _load_distributed_checkpoint(folder)
+    if "state_dict" not in checkpoint and "model" in checkpoint:
+        checkpoint["state_dict"] = checkpoint.pop("model")
+    optimizers = sorted((k for k in checkpoint if k.startswith("optimizer_")), key=lambda k: int(k[10:]))
+    if optimizers:
+        checkpoint["optimizer_states"] = [checkpoint.pop(k) for k in optimizers]
+    atomic_torch_save(checkpoint, output)
+    return checkpoint
 
 
 # ------------------------------------------------------------------------------------------ data position
@@ -284,3 +314,22 @@ class ResumeState(Callback):
         random.setstate(state["python"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m zoo.checkpointing", description="Checkpoint utilities.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("consolidate", help="merge a sharded FSDP/FSDP2 checkpoint into one file")
+    merge.add_argument("folder", type=Path)
+    merge.add_argument("output", type=Path)
+    args = parser.parse_args(argv)
+    checkpoint = consolidate_checkpoint(args.folder, args.output)
+    print(
+        f"wrote {args.output}: {len(checkpoint['state_dict'])} tensors, global_step {checkpoint.get('global_step')}"
+    )
+
+
+if __name__ == "__main__":
+    _main()
