@@ -4,7 +4,7 @@ A script, because DDP and ``ModelParallelStrategy`` re-launch the running comman
 because the resume test kills it with SIGKILL.
 
     python train_run.py OUT FAMILY STRATEGY MAX_STEPS [--ckpt-every N] [--resume CKPT] [--step-delay S]
-                        [--fixed-masks]
+                        [--fixed-masks] [--clip NORM] [--accumulate N]
 
 FAMILY is ``vit`` or ``esm2`` (tiny sizes); STRATEGY ``single``, ``ddp`` or ``fsdp2`` (2 gloo processes).
 The global batch is 8 (4 a rank on 2 processes), 48 samples an epoch (6 steps), so the data each optimizer
@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--fixed-masks", action="store_true")
+    parser.add_argument("--clip", type=float, help="trainer.gradient_clip_val (global gradient norm)")
+    parser.add_argument("--accumulate", type=int, default=1, help="trainer.accumulate_grad_batches")
     args = parser.parse_args()
 
     L.seed_everything(0)
@@ -159,6 +161,8 @@ def main() -> None:
         strategy=strategy,
         plugins=[AtomicCheckpointIO()] if args.strategy != "fsdp2" else None,
         max_steps=args.max_steps,
+        gradient_clip_val=args.clip,
+        accumulate_grad_batches=args.accumulate,
         limit_val_batches=2,
         logger=False,
         enable_checkpointing=bool(args.ckpt_every),
