@@ -97,8 +97,15 @@ class ZooModule(LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
+        from zoo.strategies import materialize_parameters
+
         dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         for module in self.modules():
             if isinstance(module, self.sharding_units):
+                # Built under ``zoo.strategies.empty_parameters``: one unit at a time is made real, initialised
+                # and sharded, so a rank never holds more than its shards plus one full unit.
+                materialize_parameters(module, device)
                 fully_shard(module, mesh=dp_mesh)
+        materialize_parameters(self, device)  # what no unit holds (embeddings, heads, final norm)
         fully_shard(self, mesh=dp_mesh)

@@ -11,8 +11,11 @@ FSDP2 (``ModelParallelStrategy``) needs no subclass: ``ZooModule.configure_model
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
@@ -20,8 +23,65 @@ __all__ = [
     "ShardingUnitsDeepSpeed",
     "ShardingUnitsFSDP",
     "apply_activation_checkpointing",
+    "empty_parameters",
+    "materialize_parameters",
     "sharding_units_of",
 ]
+
+
+@contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Build models with their parameters on the meta device (no memory), buffers real.
+
+    ``torch.device("meta")`` (Lightning's ``init_module(empty_init=True)``) also empties buffers, and
+    ``reset_parameters`` does not refill computed ones such as ESM-2's rotary ``inv_freq``; buffers are
+    small, so they are built for real here. Under FSDP2 ``ZooModule.configure_model`` materialises the
+    parameters one sharding unit at a time (``materialize_parameters``) right before sharding it.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
+        if parameter is not None and parameter.device.type != "meta":
+            parameter = nn.Parameter(parameter.detach().to("meta"), requires_grad=parameter.requires_grad)
+        register(module, name, parameter)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def materialize_parameters(module: nn.Module, device: torch.device | str) -> int:
+    """Give ``module``'s meta parameters real storage on ``device`` and initialise them.
+
+    A submodule owning a meta parameter is initialised by the model's ``init_weights(submodule)`` when the
+    model (``module`` or, for a unit, the model it is passed from) defines one, else by its own
+    ``reset_parameters()`` (PyTorch's default, as Lightning's materialisation does); a submodule with
+    neither gets zeros for 1-D parameters (biases) and normal(0, 0.02) for the others. Tied parameters
+    stay tied. Parameters already real (or sharded) are left alone. Returns how many were materialised.
+    """
+    made: dict[int, nn.Parameter] = {}
+    initialise = getattr(module, "init_weights", None)
+    for owner in [m for m in module.modules() if any(p.is_meta for p in m.parameters(recurse=False))]:
+        fresh = []
+        for name, parameter in list(owner._parameters.items()):
+            if parameter is None or not parameter.is_meta:
+                continue
+            if id(parameter) not in made:
+                real = torch.empty_like(parameter, device=device)
+                made[id(parameter)] = nn.Parameter(real, requires_grad=parameter.requires_grad)
+                fresh.append(made[id(parameter)])
+            owner._parameters[name] = made[id(parameter)]
+        with torch.no_grad():
+            if callable(initialise):
+                initialise(owner)
+            elif callable(reset := getattr(owner, "reset_parameters", None)):
+                reset()
+            else:
+                for parameter in fresh:
+                    parameter.zero_() if parameter.dim() == 1 else parameter.normal_(0.0, 0.02)
+    return len(made)
 
 
 def sharding_units_of(module: nn.Module) -> tuple[type[nn.Module], ...]:
