@@ -62,6 +62,18 @@ def _local(tensor: Tensor) -> Tensor:
     return to_local() if to_local is not None else tensor
 
 
+def _reshard(module: torch.nn.Module) -> None:
+    """Put FSDP2 modules back in their sharded state: after an evaluation forward the root (which FSDP2 does
+    not reshard after forward) still holds full, unsharded parameters, which must not be mixed with shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()
+
+
 @dataclass(frozen=True)
 class _ShardLayout:
     """Where a local EMA shard sits in its full tensor (a DTensor's mesh, placements and global shape)."""
@@ -178,6 +190,8 @@ class EMA(Callback):
             yield from pl_module.named_buffers()
 
     def _live(self, pl_module: LightningModule) -> list[Tensor]:
+        if any(layout is not None for layout in self._layouts):
+            _reshard(pl_module)
         return [_local(t.detach()) for _, t in self._named_live(pl_module)]
 
     def _initialize(self, pl_module: LightningModule) -> None:

@@ -49,7 +49,8 @@ def main(out_dir: str, max_steps: int, resume_from: str | None) -> None:
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         max_steps=max_steps,
-        limit_val_batches=0,
+        limit_val_batches=1,  # validation swaps the EMA in and out of the sharded model
+        num_sanity_val_steps=0,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -60,7 +61,9 @@ def main(out_dir: str, max_steps: int, resume_from: str | None) -> None:
         ],
     )
     model = ShardedTinyClassifier()
-    trainer.fit(model, tiny_loader(n=32, batch_size=8), ckpt_path=resume_from)
+    trainer.fit(
+        model, tiny_loader(n=32, batch_size=8), tiny_loader(n=16, batch_size=8), ckpt_path=resume_from
+    )
     state = ema.state_dict()  # a collective: gathers the shards on every rank
     if trainer.is_global_zero:
         torch.save(
