@@ -26,25 +26,6 @@ from zoo.protein import ESM2MaskedLM
 from zoo.strategies import empty_parameters
 
 
-class MetaInitESM2(ESM2MaskedLM):
-    """ESM-2 with its BERT-style training init (``zoo.protein.init_for_training``) applied per submodule, as
-    ``materialize_parameters`` calls it; PyTorch's defaults would give logits of std ~sqrt(embed_dim)."""
-
-    def init_weights(self, module: torch.nn.Module) -> None:
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            module.weight.normal_(0.0, 0.02)
-            if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-        elif callable(getattr(module, "reset_parameters", None)):
-            module.reset_parameters()
-        else:  # fair-esm's LM head: its weight is the (tied) embedding, its own parameter the bias
-            for parameter in module.parameters(recurse=False):
-                if parameter.dim() == 1:
-                    parameter.zero_()
-
-
 class Measure(Callback):
     def __init__(self) -> None:
         self.figures: dict = {}
@@ -64,7 +45,7 @@ def main() -> None:
     out, size = Path(sys.argv[1]), sys.argv[2]
     L.seed_everything(0)
     with empty_parameters():
-        model = MetaInitESM2(size=size)
+        model = ESM2MaskedLM(size=size)
     assert all(p.is_meta for p in model.parameters()), "parameters were allocated"
     measure = Measure()
     trainer = L.Trainer(

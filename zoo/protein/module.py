@@ -28,7 +28,14 @@ from zoo.protein.alphabet import Alphabet
 from zoo.protein.metrics import ContactPrecision
 from zoo.protein.model import ESM2, ESM2_CONFIGS, ESM2Layer
 
-__all__ = ["ESM2MaskedLM", "build_esm2", "init_for_training", "mask_tokens", "mean_over_residues"]
+__all__ = [
+    "ESM2MaskedLM",
+    "build_esm2",
+    "init_for_training",
+    "init_module_for_training",
+    "mask_tokens",
+    "mean_over_residues",
+]
 
 IGNORE_INDEX = -100
 
@@ -100,12 +107,26 @@ def init_for_training(model: ESM2, std: float = 0.02) -> ESM2:
     """
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-        model.embed_tokens.weight[model.padding_idx].zero_()
+            init_module_for_training(module, std)
     return model
+
+
+@torch.no_grad()
+def init_module_for_training(module: nn.Module, std: float = 0.02) -> None:
+    """:func:`init_for_training` for one submodule's own parameters, as meta-device materialisation
+    (``zoo.strategies.materialize_parameters``) initialises a model part by part."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.normal_(0.0, std)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.reset_parameters()
+    else:  # fair-esm's LM head: its weight is the (tied) embedding, its own parameter the bias
+        for parameter in module.parameters(recurse=False):
+            if parameter.dim() == 1:
+                parameter.zero_()
 
 
 def mean_over_residues(hidden: torch.Tensor, tokens: torch.Tensor, alphabet: Alphabet) -> torch.Tensor:
@@ -165,6 +186,10 @@ class ESM2MaskedLM(ZooModule):
 
     def configure_metrics(self) -> MetricCollection:
         return MetricCollection({"perplexity": Perplexity(ignore_index=IGNORE_INDEX)})
+
+    def init_weights(self, module: nn.Module) -> None:
+        """Per-part training init, called when a meta-device build is materialised under FSDP2."""
+        init_module_for_training(module)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """MLM logits ``(B, T, 33)``: the prediction the loss is computed on."""
