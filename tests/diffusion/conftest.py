@@ -58,3 +58,9 @@ def _seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Trainers without a logger write into the working directory (e.g. LoRA adapters): keep it the test's."""
+    monkeypatch.chdir(tmp_path)
