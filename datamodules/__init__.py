@@ -1,5 +1,6 @@
 """LightningDataModules, installed as ``zoo.datamodules``; each has an embedded default dataset."""
 
+from zoo.datamodules.bev import BEVDetectionDataModule, NuScenesInfoDataset, SyntheticSceneDataset
 from zoo.datamodules.captioned_images import CaptionedImageDataModule
 from zoo.datamodules.images import ImageClassificationDataModule, ImageFolderDataset
 from zoo.datamodules.multitask import MultitaskDataModule
@@ -9,13 +10,16 @@ from zoo.datamodules.shapes import ShapesDataset
 from zoo.protein.fasta import read_fasta
 
 __all__ = [
+    "BEVDetectionDataModule",
     "CaptionedImageDataModule",
     "ImageClassificationDataModule",
     "ImageFolderDataset",
     "MultitaskDataModule",
+    "NuScenesInfoDataset",
     "ProteinDataModule",
     "ProteinLabelDataModule",
     "ShapesDataset",
+    "SyntheticSceneDataset",
     "TokenBudgetBatchSampler",
     "read_fasta",
 ]

@@ -13,6 +13,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 # Imported for their side effect: registering the zoo's classes so YAML can use short names.
+import zoo.bev
 import zoo.callbacks
 import zoo.datamodules
 import zoo.diffusion
@@ -30,6 +31,8 @@ DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
     ("tasks", "tasks"),
     ("vocab_size", "vocab_size"),
     ("caption_vocabulary", "caption_vocabulary"),
+    ("class_names", "class_names"),
+    ("point_cloud_range", "point_cloud_range"),
 )
 
 

@@ -104,6 +104,30 @@ MODELS: tuple[ModelEntry, ...] = (
         "ESM-2 t48_15B as published, pre-training recipe (GPU clusters; built, not run, by tests)",
     ),
     ModelEntry(
+        "bevformer_cpu",
+        "bev/bevformer_cpu.yaml",
+        "multi-camera-3d-detection",
+        "BEVFormer (ResNet-18, 32x32 BEV, 1 history frame) on the embedded synthetic 6-camera driving scenes",
+    ),
+    ModelEntry(
+        "bevformer_tiny",
+        "bev/sizes/bevformer_tiny.yaml",
+        "multi-camera-3d-detection",
+        "BEVFormer-tiny as published (ResNet-50, 50x50 BEV); nuScenes recipe (GPUs; built, not run, by tests)",
+    ),
+    ModelEntry(
+        "bevformer_small",
+        "bev/sizes/bevformer_small.yaml",
+        "multi-camera-3d-detection",
+        "BEVFormer-small shapes (ResNet-101 without DCN, 150x150 BEV); nuScenes recipe (built, not run, by tests)",
+    ),
+    ModelEntry(
+        "bevformer_base",
+        "bev/sizes/bevformer_base.yaml",
+        "multi-camera-3d-detection",
+        "BEVFormer-base shapes (ResNet-101 without DCN, 4 levels, 200x200 BEV); nuScenes recipe (built, not run)",
+    ),
+    ModelEntry(
         "multitask_arithmetic",
         "multitask/arithmetic.yaml",
         "multitask-text",

@@ -1,0 +1,457 @@
+"""Multi-camera 3D detection data: embedded synthetic driving scenes, or nuScenes-format info files.
+
+Each item is one key frame with the ``queue_length - 1`` frames before it (BEVFormer's temporal queue):
+
+- ``images`` (T, N, 3, H, W) float, ImageNet-normalised; ``lidar2img`` (T, N, 4, 4);
+- ``can_bus`` (T, 18) in nuScenes' layout after BEVFormer's conversion: ``[0:3]`` the ego translation
+  since the previous frame (global frame), ``[3:7]`` the ego rotation quaternion (w, x, y, z),
+  ``[10:13]`` rotation rate, ``[13:16]`` velocity, ``[16]`` absolute yaw (rad), ``[17]`` the yaw change since
+  the previous frame (degrees); deltas are zero on a scene's first frame;
+- ``prev_exists`` (T,) bool: whether entry t continues entry t-1 (False at t = 0 and where the queue was
+  padded at a scene start by repeating its first frame);
+- ``gt_boxes`` (M, 9) ``x, y, z, w, l, h, yaw, vx, vy`` of the last frame (ego frame, gravity centre),
+  ``gt_labels`` (M,), ``gt_attributes`` (M,) nuScenes attribute index or -1.
+
+Ground truth is filtered as nuScenes and BEVFormer filter it, with the counts kept in ``filter_counts``:
+boxes whose centre lies outside the BEV range are dropped (as ``ObjectRangeFilter``), and so are boxes that
+no camera sees (fewer than ``min_pixels`` rendered pixels; nuScenes drops boxes without lidar points).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from zoo.datamodules.bev_scenes import CAMERA_NAMES, CLASS_STYLE, make_scene, nuscenes_rig, render_frame
+from zoo.datamodules.splits import SplitDataModule
+
+__all__ = [
+    "BEVDetectionDataModule",
+    "NuScenesInfoDataset",
+    "SyntheticSceneDataset",
+    "can_bus_vector",
+    "collate_bev",
+]
+
+SPLITS = {"train": 0, "val": 1, "test": 2}
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+DEFAULT_CLASSES = ("car", "truck", "bus", "pedestrian", "barrier")
+
+
+def can_bus_vector(
+    ego2global: np.ndarray, prev_ego2global: np.ndarray | None, yaw_rate: float, speed: float
+) -> np.ndarray:
+    """The 18 CAN-bus floats BEVFormer feeds its model, from two ego poses (4 x 4, yaw about z)."""
+    yaw = math.atan2(ego2global[1, 0], ego2global[0, 0])
+    vec = np.zeros(18)
+    vec[3:7] = [math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)]
+    vec[10:13] = [0.0, 0.0, yaw_rate]
+    vec[13:16] = [speed, 0.0, 0.0]
+    vec[16] = yaw
+    if prev_ego2global is not None:
+        prev_yaw = math.atan2(prev_ego2global[1, 0], prev_ego2global[0, 0])
+        vec[0:3] = ego2global[:3, 3] - prev_ego2global[:3, 3]
+        vec[17] = math.degrees((yaw - prev_yaw + math.pi) % (2 * math.pi) - math.pi)
+    return vec
+
+
+def _normalise(images: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float, ImageNet mean/std."""
+    tensor = torch.from_numpy(images).float().div_(255).movedim(-1, -3)
+    return (tensor - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _queue_indices(frame: int, queue_length: int) -> list[int]:
+    return [max(frame - k, 0) for k in range(queue_length - 1, -1, -1)]
+
+
+def _check_range(point_cloud_range) -> tuple[float, ...]:
+    values = tuple(float(v) for v in point_cloud_range)
+    if len(values) != 6 or not all(values[i] < values[i + 3] for i in range(3)):
+        raise ValueError(
+            f"point_cloud_range must be [x_min, y_min, z_min, x_max, y_max, z_max] with min < max, got {values}"
+        )
+    return values
+
+
+def _in_range(boxes: np.ndarray, pc_range: tuple[float, ...]) -> np.ndarray:
+    return (
+        (boxes[:, 0] >= pc_range[0])
+        & (boxes[:, 0] <= pc_range[3])
+        & (boxes[:, 1] >= pc_range[1])
+        & (boxes[:, 1] <= pc_range[4])
+    )
+
+
+class SyntheticSceneDataset(Dataset):
+    """Key frames of ``num_scenes`` deterministic scenes; each scene is rendered once, on first use, and cached.
+
+    Scene ``k`` depends only on ``(seed, split, k)``, so the data are the same on every machine and rank.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        seed: int = 0,
+        num_scenes: int = 8,
+        frames_per_scene: int = 8,
+        queue_length: int = 3,
+        image_size: tuple[int, int] = (64, 112),
+        class_names: tuple[str, ...] = DEFAULT_CLASSES,
+        num_objects: int = 30,
+        point_cloud_range: tuple[float, ...] = (-25.6, -25.6, -1.0, 25.6, 25.6, 4.0),
+        min_pixels: int = 4,
+        noise: float = 0.02,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        unknown = [c for c in class_names if c not in CLASS_STYLE]
+        if unknown:
+            raise ValueError(
+                f"class_names {unknown} have no synthetic style; choose from {tuple(CLASS_STYLE)}"
+            )
+        if queue_length < 1 or frames_per_scene < 1 or num_scenes < 1:
+            raise ValueError("queue_length, frames_per_scene and num_scenes must all be >= 1")
+        self.split, self.seed = split, seed
+        self.num_scenes, self.frames_per_scene, self.queue_length = num_scenes, frames_per_scene, queue_length
+        self.class_names = tuple(class_names)
+        self.num_objects, self.min_pixels, self.noise = num_objects, min_pixels, noise
+        self.pc_range = _check_range(point_cloud_range)
+        self.rig = nuscenes_rig(tuple(image_size))
+        self.lidar2img = torch.from_numpy(self.rig.lidar2img).float()
+        self.filter_counts: Counter = Counter()
+        self._cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return self.num_scenes * self.frames_per_scene
+
+    def scene(self, index: int) -> dict:
+        """Render (once) every frame of scene ``index``: images, boxes, labels, can_bus."""
+        if index in self._cache:
+            return self._cache[index]
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+        x_extent = min(abs(self.pc_range[0]), self.pc_range[3], abs(self.pc_range[1]), self.pc_range[4])
+        scene = make_scene(
+            rng,
+            self.class_names,
+            num_frames=self.frames_per_scene,
+            num_objects=self.num_objects,
+            radius=1.25 * x_extent,
+        )
+        colours = np.array([CLASS_STYLE[self.class_names[c]][1] for c in scene.classes]) / 255.0
+        colours = np.clip(colours * rng.uniform(0.85, 1.1, size=(len(colours), 1)), 0, 1).reshape(-1, 3)
+        attributes = scene.attributes()
+        frames = []
+        for frame in range(scene.num_frames):
+            boxes = scene.boxes(frame)
+            pose = scene.ego2global(frame)
+            noise = rng.normal(0.0, self.noise, size=(len(self.rig.names) * np.prod(self.rig.image_size), 3))
+            images, pixels = render_frame(self.rig, boxes, colours, pose, noise=noise)
+            seen = pixels >= self.min_pixels
+            inside = _in_range(boxes, self.pc_range)
+            self.filter_counts["kept"] += int((seen & inside).sum())
+            self.filter_counts["outside_range"] += int((~inside).sum())
+            self.filter_counts["not_visible"] += int((inside & ~seen).sum())
+            keep = seen & inside
+            prev = scene.ego2global(frame - 1) if frame > 0 else None
+            frames.append(
+                {
+                    "images": images,
+                    "gt_boxes": torch.from_numpy(boxes[keep]).float(),
+                    "gt_labels": torch.from_numpy(scene.classes[keep]),
+                    "gt_attributes": torch.from_numpy(attributes[keep]),
+                    "can_bus": torch.from_numpy(
+                        can_bus_vector(pose, prev, scene.ego_yaw_rate, scene.ego_speed)
+                    ).float(),
+                }
+            )
+        self._cache[index] = {"frames": frames}
+        return self._cache[index]
+
+    def __getitem__(self, index: int) -> dict:
+        scene_index, frame = divmod(index, self.frames_per_scene)
+        frames = self.scene(scene_index)["frames"]
+        queue = _queue_indices(frame, self.queue_length)
+        last = frames[frame]
+        prev_exists = torch.tensor([t > 0 and queue[t] != queue[t - 1] for t in range(len(queue))])
+        can_bus = torch.stack([frames[i]["can_bus"] for i in queue])
+        can_bus[~prev_exists, 0:3] = 0.0  # BEVFormer zeroes the deltas where no previous BEV is used
+        can_bus[~prev_exists, 17] = 0.0
+        return {
+            "images": _normalise(np.stack([frames[i]["images"] for i in queue])),
+            "lidar2img": self.lidar2img.expand(len(queue), -1, -1, -1).clone(),
+            "can_bus": can_bus,
+            "prev_exists": prev_exists,
+            "gt_boxes": last["gt_boxes"],
+            "gt_labels": last["gt_labels"],
+            "gt_attributes": last["gt_attributes"],
+            "sample_id": index,
+        }
+
+
+class NuScenesInfoDataset(Dataset):
+    """Key frames listed in a nuScenes-format info file (JSON), images read from ``data_root``.
+
+    The file holds ``{"infos": [...]}`` as BEVFormer's converter writes them (saved as JSON rather than
+    pickle, so nothing executable is loaded): per sample ``token``, ``scene_token``, ``can_bus`` (18),
+    ``cams`` (camera name -> ``data_path``, ``cam_intrinsic`` 3 x 3, ``sensor2lidar_rotation`` 3 x 3,
+    ``sensor2lidar_translation`` 3), ``gt_boxes`` (M x 7: x, y, z, w, l, h, yaw in the LiDAR frame, geometric
+    centre), ``gt_names``, ``gt_velocity`` (M x 2), optional ``valid_flag``. Boxes of unknown class, without
+    ``valid_flag`` or outside the BEV range are dropped, counted in ``filter_counts``; samples are ordered by
+    their position in the file, and the temporal queue stays within a ``scene_token``.
+    """
+
+    def __init__(
+        self,
+        info_file: str | Path,
+        data_root: str | Path,
+        *,
+        class_names: tuple[str, ...],
+        point_cloud_range: tuple[float, ...],
+        image_size: tuple[int, int],
+        queue_length: int = 3,
+        cameras: tuple[str, ...] = CAMERA_NAMES,
+    ) -> None:
+        self.info_file, self.data_root = Path(info_file), Path(data_root)
+        if not self.info_file.is_file():
+            raise FileNotFoundError(f"info file {str(self.info_file)!r} does not exist")
+        try:
+            infos = json.loads(self.info_file.read_text())["infos"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{self.info_file}: expected a JSON object with an 'infos' list ({error})"
+            ) from error
+        self.class_names, self.cameras = tuple(class_names), tuple(cameras)
+        self.pc_range, self.image_size, self.queue_length = (
+            _check_range(point_cloud_range),
+            image_size,
+            queue_length,
+        )
+        self.filter_counts: Counter = Counter()
+        self.infos = [self._validate(i, info) for i, info in enumerate(infos)]
+
+    def _validate(self, index: int, info: dict) -> dict:
+        where = f"{self.info_file}: infos[{index}]"
+        for key in ("token", "scene_token", "can_bus", "cams", "gt_boxes", "gt_names"):
+            if key not in info:
+                raise ValueError(f"{where} has no {key!r}")
+        if len(info["can_bus"]) != 18:
+            raise ValueError(f"{where}.can_bus has {len(info['can_bus'])} values, expected 18")
+        for cam in self.cameras:
+            if cam not in info["cams"]:
+                raise ValueError(f"{where}.cams has no {cam!r} (cameras present: {sorted(info['cams'])})")
+            entry = info["cams"][cam]
+            for key, shape in (("cam_intrinsic", (3, 3)), ("sensor2lidar_rotation", (3, 3))):
+                if np.asarray(entry[key]).shape != shape:
+                    raise ValueError(
+                        f"{where}.cams.{cam}.{key} has shape {np.asarray(entry[key]).shape}, expected {shape}"
+                    )
+            if np.asarray(entry["sensor2lidar_translation"]).shape != (3,):
+                raise ValueError(f"{where}.cams.{cam}.sensor2lidar_translation must have 3 values")
+            path = self.data_root / entry["data_path"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{where}.cams.{cam}: image {str(path)!r} is missing")
+        boxes = np.asarray(info["gt_boxes"], dtype=np.float64).reshape(-1, 7)
+        if len(info["gt_names"]) != len(boxes):
+            raise ValueError(f"{where}: {len(boxes)} gt_boxes but {len(info['gt_names'])} gt_names")
+        return info
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def _lidar2img(self, info: dict) -> np.ndarray:
+        """BEVFormer's formula: ``K_pad @ [R^T | -t R^T]^T`` with R, t the camera-to-lidar pose, rescaled."""
+        mats = []
+        for cam in self.cameras:
+            entry = info["cams"][cam]
+            rotation = np.asarray(entry["sensor2lidar_rotation"], dtype=np.float64)
+            translation = np.asarray(entry["sensor2lidar_translation"], dtype=np.float64)
+            lidar2cam = np.eye(4)
+            lidar2cam[:3, :3] = rotation.T
+            lidar2cam[:3, 3] = -rotation.T @ translation
+            view = np.eye(4)
+            view[:3, :3] = np.asarray(entry["cam_intrinsic"], dtype=np.float64)
+            mats.append(view @ lidar2cam)
+        return np.stack(mats)
+
+    def _frame(self, info: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        height, width = self.image_size
+        images, mats = [], self._lidar2img(info)
+        for n, cam in enumerate(self.cameras):
+            with Image.open(self.data_root / info["cams"][cam]["data_path"]) as img:
+                scale = np.diag([width / img.width, height / img.height, 1.0, 1.0])
+                mats[n] = scale @ mats[n]
+                images.append(np.asarray(img.convert("RGB").resize((width, height), Image.BILINEAR)))
+        return _normalise(np.stack(images)), torch.from_numpy(mats).float()
+
+    def __getitem__(self, index: int) -> dict:
+        info = self.infos[index]
+        queue = [index]
+        while len(queue) < self.queue_length:
+            prev = queue[0] - 1
+            queue.insert(
+                0, prev if prev >= 0 and self.infos[prev]["scene_token"] == info["scene_token"] else queue[0]
+            )
+        frames = [self._frame(self.infos[i]) for i in queue]
+        prev_exists = torch.tensor([t > 0 and queue[t] != queue[t - 1] for t in range(len(queue))])
+        can_bus = torch.tensor(np.stack([self._can_bus(i) for i in queue]), dtype=torch.float32)
+        can_bus[~prev_exists, 0:3] = 0.0
+        can_bus[~prev_exists, 17] = 0.0
+        boxes, labels = self._targets(info)
+        return {
+            "images": torch.stack([f[0] for f in frames]),
+            "lidar2img": torch.stack([f[1] for f in frames]),
+            "can_bus": can_bus,
+            "prev_exists": prev_exists,
+            "gt_boxes": boxes,
+            "gt_labels": labels,
+            "gt_attributes": torch.full((len(labels),), -1, dtype=torch.long),
+            "sample_id": index,
+        }
+
+    def _can_bus(self, index: int) -> np.ndarray:
+        """Deltas to the previous sample of the same scene, as BEVFormer's ``union2one`` makes them."""
+        vec = np.asarray(self.infos[index]["can_bus"], dtype=np.float64).copy()
+        if index > 0 and self.infos[index - 1]["scene_token"] == self.infos[index]["scene_token"]:
+            prev = np.asarray(self.infos[index - 1]["can_bus"], dtype=np.float64)
+            vec[0:3] -= prev[0:3]
+            vec[17] -= prev[17]
+        return vec
+
+    def _targets(self, info: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        boxes = np.asarray(info["gt_boxes"], dtype=np.float64).reshape(-1, 7)
+        velocity = np.asarray(info.get("gt_velocity", np.zeros((len(boxes), 2))), dtype=np.float64).reshape(
+            -1, 2
+        )
+        velocity = np.nan_to_num(velocity)
+        known = np.array([name in self.class_names for name in info["gt_names"]], dtype=bool)
+        valid = np.asarray(info.get("valid_flag", np.ones(len(boxes), dtype=bool)), dtype=bool)
+        inside = _in_range(boxes, self.pc_range)
+        self.filter_counts["unknown_class"] += int((~known).sum())
+        self.filter_counts["invalid"] += int((known & ~valid).sum())
+        self.filter_counts["outside_range"] += int((known & valid & ~inside).sum())
+        keep = known & valid & inside
+        self.filter_counts["kept"] += int(keep.sum())
+        labels = [self.class_names.index(n) for n, k in zip(info["gt_names"], keep) if k]
+        out = np.concatenate([boxes[keep], velocity[keep]], axis=1)
+        return torch.from_numpy(out).float(), torch.tensor(labels, dtype=torch.long)
+
+
+def collate_bev(items: list[dict]) -> dict:
+    """Stack the camera tensors; ground truth stays a list (a different count per sample)."""
+    batch = {
+        key: torch.stack([item[key] for item in items])
+        for key in ("images", "lidar2img", "can_bus", "prev_exists")
+    }
+    for key in ("gt_boxes", "gt_labels", "gt_attributes"):
+        batch[key] = [item[key] for item in items]
+    batch["sample_id"] = torch.tensor([item["sample_id"] for item in items])
+    return batch
+
+
+class BEVDetectionDataModule(SplitDataModule):
+    """Synthetic driving scenes by default; nuScenes-format info files when ``data_root`` is given.
+
+    Args:
+        class_names: detection classes (label = index); linked into the model by the CLI.
+        point_cloud_range: BEV range ``[x_min, y_min, z_min, x_max, y_max, z_max]`` (metres, ego frame);
+            linked into the model.
+        image_size: (H, W) of every camera image.
+        queue_length: frames per item (the key frame and the ones before it); 1 disables history.
+        train_scenes / val_scenes / test_scenes, frames_per_scene, num_objects: synthetic data size.
+        data_root, train_info, val_info, test_info: real data (info files relative to ``data_root``).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        class_names: list[str] | None = None,
+        point_cloud_range: list[float] | None = None,
+        image_size: tuple[int, int] = (64, 112),
+        queue_length: int = 3,
+        train_scenes: int = 48,
+        val_scenes: int = 8,
+        test_scenes: int = 8,
+        frames_per_scene: int = 8,
+        num_objects: int = 30,
+        seed: int = 0,
+        data_root: str | None = None,
+        train_info: str | None = None,
+        val_info: str | None = None,
+        test_info: str | None = None,
+    ) -> None:
+        super().__init__()
+        # class_names / point_cloud_range are linked into the model, whose hyperparameters record them
+        self.save_hyperparameters(ignore=["class_names", "point_cloud_range"])
+        self.class_names = list(class_names or DEFAULT_CLASSES)
+        self.point_cloud_range = list(
+            _check_range(point_cloud_range or (-25.6, -25.6, -1.0, 25.6, 25.6, 4.0))
+        )
+        if len(image_size) != 2 or min(image_size) < 16:
+            raise ValueError(f"image_size must be (H, W) with both >= 16, got {image_size}")
+        self.image_size = tuple(int(v) for v in image_size)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        if hp.data_root is None:
+            sizes = {"train": hp.train_scenes, "val": hp.val_scenes, "test": hp.test_scenes}
+            sets = {
+                split: SyntheticSceneDataset(
+                    split,
+                    seed=hp.seed,
+                    num_scenes=n,
+                    frames_per_scene=hp.frames_per_scene,
+                    queue_length=hp.queue_length,
+                    image_size=self.image_size,
+                    class_names=tuple(self.class_names),
+                    num_objects=hp.num_objects,
+                    point_cloud_range=tuple(self.point_cloud_range),
+                )
+                for split, n in sizes.items()
+            }
+        else:
+            infos = {"train": hp.train_info, "val": hp.val_info, "test": hp.test_info or hp.val_info}
+            missing = [k for k in ("train", "val") if infos[k] is None]
+            if missing:
+                raise ValueError(
+                    f"data_root is set, so {', '.join(f'{k}_info' for k in missing)} must be given too"
+                )
+            sets = {
+                split: NuScenesInfoDataset(
+                    Path(hp.data_root) / path,
+                    hp.data_root,
+                    class_names=tuple(self.class_names),
+                    point_cloud_range=tuple(self.point_cloud_range),
+                    image_size=self.image_size,
+                    queue_length=hp.queue_length,
+                )
+                for split, path in infos.items()
+            }
+        self.train_set, self.val_set, self.test_set = sets["train"], sets["val"], sets["test"]
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_bev,
+            persistent_workers=self.hparams.num_workers > 0,
+        )

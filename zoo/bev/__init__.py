@@ -1,0 +1,40 @@
+"""BEVFormer: multi-camera 3D detection with spatial and temporal attention, in pure PyTorch (timm backbone).
+
+``from zoo.bev import BEVFormer, BEVFORMER_CONFIGS`` gives the network; ``BEVFormerDetector`` the
+LightningModule; ``NuScenesDetectionMetric`` the nuScenes detection metrics.
+"""
+
+from zoo.bev.backbone import FPN, CameraEncoder
+from zoo.bev.decoder import DetectionDecoder, DetectionDecoderLayer
+from zoo.bev.deformable import MultiScaleDeformableAttention, multi_scale_deformable_attention
+from zoo.bev.encoder import BEVEncoder, BEVEncoderLayer, SpatialCrossAttention, TemporalSelfAttention
+from zoo.bev.geometry import align_previous_bev, project_to_cameras
+from zoo.bev.head import DetectionHead, decode_boxes, encode_boxes, hungarian_match
+from zoo.bev.metrics import NuScenesDetectionMetric
+from zoo.bev.model import BEVFORMER_CONFIGS, NUSCENES_CLASSES, BEVFormer, BEVFormerConfig
+from zoo.bev.module import BEVFormerDetector
+
+__all__ = [
+    "BEVFORMER_CONFIGS",
+    "FPN",
+    "NUSCENES_CLASSES",
+    "BEVEncoder",
+    "BEVEncoderLayer",
+    "BEVFormer",
+    "BEVFormerConfig",
+    "BEVFormerDetector",
+    "CameraEncoder",
+    "DetectionDecoder",
+    "DetectionDecoderLayer",
+    "DetectionHead",
+    "MultiScaleDeformableAttention",
+    "NuScenesDetectionMetric",
+    "SpatialCrossAttention",
+    "TemporalSelfAttention",
+    "align_previous_bev",
+    "decode_boxes",
+    "encode_boxes",
+    "hungarian_match",
+    "multi_scale_deformable_attention",
+    "project_to_cameras",
+]
