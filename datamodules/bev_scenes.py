@@ -302,12 +302,12 @@ def render_frame(
     depth = np.full(len(dirs), np.inf)
     owner = np.full(len(dirs), -1)
     for k, box in enumerate(boxes):
-        x, y, z, width, length, height, yaw = box[:7]
+        x, y, z, size_w, size_l, size_h, yaw = box[:7]
         c, s = math.cos(yaw), math.sin(yaw)
         to_local = np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
         o = (origins - np.array([x, y, z])) @ to_local.T
         d = dirs @ to_local.T
-        half = np.array([length, width, height]) / 2
+        half = np.array([size_l, size_w, size_h]) / 2
         with np.errstate(divide="ignore", invalid="ignore"):
             inv = 1.0 / np.where(np.abs(d) < 1e-12, 1e-12, d)
             t1, t2 = (-half - o) * inv, (half - o) * inv
