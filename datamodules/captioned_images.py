@@ -22,8 +22,9 @@ import re
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from zoo.datamodules import buckets as bucketing
 from zoo.datamodules.images import IMAGE_SUFFIXES, _verify_readable
 from zoo.datamodules.shapes import COLOURS, SHAPES, SPLITS, render_shapes
 from zoo.datamodules.splits import SplitDataModule
@@ -111,11 +112,32 @@ def _read_txt_pairs(root: Path) -> list[tuple[Path, str, object]]:
     return records
 
 
+def _cover_and_crop(image, height: int, width: int):
+    """Resize (bicubic) so the image covers ``height x width``, then crop the centre: nothing is squashed."""
+    from PIL import Image
+
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    resized = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
 class CaptionedFolderDataset(Dataset):
-    """Images with captions from a folder (``.txt`` per image) or a JSONL file, resized and centre-cropped."""
+    """Images with captions from a folder (``.txt`` per image) or a JSONL file, resized and centre-cropped.
+
+    Every image becomes ``image_size x image_size``, or, given ``buckets`` (``(height, width)`` pairs from
+    ``zoo.datamodules.buckets.resolution_buckets``), the bucket closest to its own aspect ratio
+    (``bucket_of[i]``), so that wide and tall pictures keep their framing.
+    """
 
     def __init__(
-        self, root: str | Path, captions_file: str | Path | None, image_size: int, verify: bool = True
+        self,
+        root: str | Path,
+        captions_file: str | Path | None,
+        image_size: int,
+        verify: bool = True,
+        buckets: list[tuple[int, int]] | None = None,
     ):
         root = Path(root)
         records = _read_jsonl(Path(captions_file), root) if captions_file else _read_txt_pairs(root)
@@ -126,26 +148,28 @@ class CaptionedFolderDataset(Dataset):
         if verify:
             for path, _, _ in self.records:
                 _verify_readable(path)
-        from torchvision import transforms
+        self.buckets = buckets or [(image_size, image_size)]
+        self.bucket_of = [0] * len(self.records)
+        if buckets:
+            from PIL import Image
 
-        self.transform = transforms.Compose(
-            [
-                transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.CenterCrop(image_size),
-                transforms.ToTensor(),
-                transforms.Normalize([0.5] * 3, [0.5] * 3),
-            ]
-        )
+            for i, (path, _, _) in enumerate(self.records):
+                with Image.open(path) as image:  # reads the header only
+                    self.bucket_of[i] = bucketing.nearest_bucket(image.height, image.width, self.buckets)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         from PIL import Image
+        from torchvision.transforms.functional import normalize, to_tensor
 
         path, caption, label = self.records[index]
+        height, width = self.buckets[self.bucket_of[index]]
         with Image.open(path) as image:
-            tensor = self.transform(image.convert("RGB"))
+            tensor = normalize(
+                to_tensor(_cover_and_crop(image.convert("RGB"), height, width)), [0.5] * 3, [0.5] * 3
+            )
         return {"image": tensor, "label": label, "caption": caption, "index": index}
 
 
@@ -171,6 +195,12 @@ class CaptionedImageDataModule(SplitDataModule):
         noise: pixel-noise std (fraction of 255) of the embedded shapes; 0 draws them clean.
         random_flip: horizontal flips. Off by default: the shapes captions name left and right.
         predict_file: prompts for ``zoo predict``, one per line; default: one per class.
+        resolution_buckets: folder data only: serve each image at the aspect-ratio bucket closest to its own
+            (about ``image_size**2`` pixels, sides multiples of ``bucket_step``, at most ``max_aspect_ratio``),
+            every batch from one bucket, instead of a centre crop to a square.
+        bucket_step: side granularity of the buckets; a multiple of the model's total downsampling
+            (autoencoder factor x denoiser's) so each latent divides evenly.
+        max_aspect_ratio: the most elongated bucket, either way.
     """
 
     def __init__(
@@ -189,17 +219,27 @@ class CaptionedImageDataModule(SplitDataModule):
         seed: int = 0,
         predict_file: str | None = None,
         verify_images: bool = True,
+        resolution_buckets: bool = False,
+        bucket_step: int = 8,
+        max_aspect_ratio: float = 2.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if resolution_buckets and data_dir is None:
+            raise ValueError("resolution_buckets needs data_dir: the embedded shapes are all square")
         self.data_dir = Path(data_dir) if data_dir else None
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self._folder: CaptionedFolderDataset | None = None
         if self.data_dir is not None:
+            buckets = (
+                bucketing.resolution_buckets(image_size, bucket_step, max_aspect_ratio)
+                if resolution_buckets
+                else None
+            )
             self._folder = CaptionedFolderDataset(
-                self.data_dir, captions_file, image_size, verify=verify_images
+                self.data_dir, captions_file, image_size, verify=verify_images, buckets=buckets
             )
             self.class_names = self._folder.class_names
         else:
@@ -249,14 +289,24 @@ class CaptionedImageDataModule(SplitDataModule):
         return batch
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        common = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if self.hparams.resolution_buckets:
+            bucket_of = [self._folder.bucket_of[i] for i in dataset.indices]
+            # a one-process DistributedSampler still receives Lightning's set_epoch calls (and its DDP swap)
+            epochs = DistributedSampler(
+                dataset, num_replicas=1, rank=0, shuffle=False, seed=self.hparams.seed
+            )
+            sampler = bucketing.BucketBatchSampler(
+                epochs, bucket_of, self.batch_size, shuffle, self.hparams.seed
+            )
+            return DataLoader(dataset, batch_sampler=sampler, collate_fn=self._collate, **common)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=shuffle and len(dataset) > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
             collate_fn=self._collate,
+            **common,
         )
 
     # ---------------------------------------------------------------- predict

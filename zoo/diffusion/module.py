@@ -198,6 +198,12 @@ class LatentDiffusion(ZooModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.hparams.cache_latents and getattr(getattr(datamodule, "hparams", None), "random_flip", False):
             raise ValueError("cache_latents needs unaugmented data: the data module has random_flip=True")
+        bucketed = getattr(getattr(datamodule, "hparams", None), "resolution_buckets", False)
+        if bucketed and self.hparams.denoiser == "dit":
+            raise ValueError(
+                "resolution_buckets serve non-square images, which diffusers' DiTTransformer2DModel cannot "
+                "unpatchify (it assumes square latents): use denoiser='unet' or turn the buckets off"
+            )
         if float(self.scale_factor) == 0.0:
             self.estimate_scale_factor()
         if isinstance(self.hparams.autoencoder, dict):

@@ -31,12 +31,26 @@ def _timm_block_types(model: torch.nn.Module) -> tuple[type[torch.nn.Module], ..
     return tuple({type(m) for m in model.modules() if isinstance(m, (Block, SwinTransformerBlock))})
 
 
+def _create_timm_model(model_name: str, img_size: int, **kwargs) -> torch.nn.Module:
+    """A timm model with random weights; ``img_size`` only reaches architectures that take it.
+
+    Transformers fix their position embeddings to ``img_size``; convolutional networks (ResNet,
+    ConvNeXt, EfficientNet...) take any size and reject the argument, so it is left out for them.
+    """
+    try:
+        return timm.create_model(model_name, pretrained=False, img_size=img_size, **kwargs)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+        return timm.create_model(model_name, pretrained=False, **kwargs)
+
+
 class ImageClassifier(ZooModule):
     """Image classification with a timm backbone, built from plain arguments so YAML can configure it.
 
     Args:
-        model_name: any timm model name (``vit_*``, ``deit_*``, ``deit_*_distilled_*``, ``swin_*``);
-            weights are random (nothing is downloaded).
+        model_name: any timm model name (``vit_*``, ``deit_*``, ``deit_*_distilled_*``, ``swin_*``, or a
+            convolutional network such as ``resnet18``); weights are random (nothing is downloaded).
         num_classes: output classes; the CLI links it from the data module.
         img_size: input side; the CLI links it from the data module.
         patch_size: overrides the model's patch size (e.g. 4 for 32 px images).
@@ -80,11 +94,10 @@ class ImageClassifier(ZooModule):
             kwargs["embed_layer"] = ConvStemPatchEmbed
         elif stem != "patch":
             raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
-        self.model = timm.create_model(
+        self.model = _create_timm_model(
             model_name,
-            pretrained=False,
-            num_classes=num_classes,
             img_size=img_size,
+            num_classes=num_classes,
             in_chans=in_chans,
             drop_path_rate=drop_path_rate,
             **kwargs,
