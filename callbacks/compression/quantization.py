@@ -17,7 +17,8 @@ Which library, and why (measured on this x86 CPU, torch 2.14.1, torchao 0.18.0, 
 Each quantizable layer (``nn.Linear``; ``nn.Conv2d`` too for static/QAT) is wrapped as
 ``QuantStub -> layer -> DeQuantStub``, so only the layers run in int8 and everything between them (LayerNorm,
 softmax, GELU, attention) stays float: this works for any model without rewriting its forward. Quantized
-modules are inference-only; the checkpoint records let ``zoo validate --ckpt_path`` rebuild them.
+modules are inference-only; the checkpoint records let ``zoo validate --ckpt_path`` rebuild them. The int8 CPU
+kernels have no deterministic implementation: evaluate them with ``Trainer(deterministic=False)``.
 """
 
 from __future__ import annotations

@@ -32,23 +32,31 @@ __all__ = ["WeightSharing", "kmeans_1d", "share_weights", "storage_report"]
 SHAREABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def kmeans_1d(values: Tensor, clusters: int, iterations: int = 30) -> tuple[Tensor, Tensor]:
-    """Lloyd's k-means on a flat tensor with linear initialisation: ``(centroids (K,), assignments (n,))``."""
-    values = values.detach().flatten().float()
-    centroids = torch.linspace(values.min().item(), values.max().item(), clusters, device=values.device)
-    assignments = torch.zeros(values.numel(), dtype=torch.long, device=values.device)
+def kmeans_1d(values: Tensor, clusters: int, iterations: int = 50) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means on a flat tensor with linear initialisation: ``(centroids (K,), assignments (n,))``.
+
+    In 1-D each cluster is a contiguous range of the sorted values, bounded by the midpoints between sorted
+    centroids: with the values sorted once and their prefix sums, one iteration is ``K`` binary searches
+    instead of an ``n x K`` distance matrix.
+    """
+    values = values.detach().flatten().double()
+    ordered, _ = torch.sort(values)
+    prefix = torch.cat([ordered.new_zeros(1), torch.cumsum(ordered, 0)])
+    centroids = torch.linspace(ordered[0].item(), ordered[-1].item(), clusters, dtype=torch.float64)
     for _ in range(iterations):
-        # sorted centroids: nearest by the midpoints, O(n log K) and no (n, K) distance matrix
         centroids, _ = torch.sort(centroids)
-        new = torch.bucketize(values, (centroids[1:] + centroids[:-1]) / 2)
-        sums = torch.zeros(clusters, device=values.device).index_add_(0, new, values)
-        counts = torch.bincount(new, minlength=clusters).float()
+        bounds = torch.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2)
+        edges = torch.cat([bounds.new_zeros(1), bounds, bounds.new_full((1,), len(ordered))])
+        counts = (edges[1:] - edges[:-1]).double()
+        sums = prefix[edges[1:]] - prefix[edges[:-1]]
         updated = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
-        done = torch.equal(new, assignments) and torch.allclose(updated, centroids)
-        centroids, assignments = updated, new
-        if done:
+        converged = torch.allclose(updated, centroids, rtol=0, atol=1e-12)
+        centroids = updated
+        if converged:
             break
-    return centroids, assignments
+    centroids, _ = torch.sort(centroids)
+    assignments = torch.bucketize(values, (centroids[1:] + centroids[:-1]) / 2)
+    return centroids.float(), assignments
 
 
 def _index_dtype(clusters: int) -> torch.dtype:
