@@ -9,6 +9,9 @@
 - ``TrainingMonitor``: gradient/weight/update statistics, throughput and memory; NaN/Inf, loss-spike,
   exploding/vanishing-gradient, dead-parameter and data checks with ``warn`` / ``skip_step`` / ``stop``;
   a JSON + Markdown report at fit end.
+- ``zoo.callbacks.compression`` (``MagnitudePruning``, ``StructuredPruning``, ``Quantization``, ``WeightSharing``,
+  also exported here): pruning with a cubic schedule, heads/MLP units/blocks/conv channels physically removed,
+  int8 dynamic/static/QAT and GPTQ int4, k-means weight sharing; checkpoints carry the architecture changes.
 
 Interfaces a LightningModule offers so these callbacks work on it (every zoo family does):
 - ``module.forward(batch_inputs)`` returns the prediction the loss is computed on.
@@ -20,6 +23,13 @@ Interfaces a LightningModule offers so these callbacks work on it (every zoo fam
 - ``module.sharding_units``: the repeated block types, for FSDP2 / auto-wrap.
 """
 
+from zoo.callbacks.compression import (
+    MagnitudePruning,
+    Quantization,
+    StructuredPruning,
+    WeightSharing,
+    load_compressed,
+)
 from zoo.callbacks.distillation import (
     Distillation,
     FeatureProjector,
@@ -34,9 +44,14 @@ __all__ = [
     "EMA",
     "Distillation",
     "FeatureProjector",
+    "MagnitudePruning",
+    "Quantization",
     "SelfDistillation",
+    "StructuredPruning",
     "TrainingMonitor",
+    "WeightSharing",
     "distillation_loss",
     "ema_decay",
+    "load_compressed",
     "load_teacher",
 ]

@@ -273,7 +273,7 @@ class Quantization(Callback):
             path = Path(self.save_path)
             if not path.is_absolute():
                 path = Path(trainer.log_dir or trainer.default_root_dir) / path
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=True)  # inference-only: no optimizer state
             self.saved_to = path
 
     def _start_evaluation(self, trainer: Trainer, pl_module: LightningModule) -> None:

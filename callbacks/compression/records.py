@@ -75,14 +75,21 @@ def replay(module: nn.Module, records: list[dict]) -> None:
 
 
 def install_restore_hook(pl_module: nn.Module) -> None:
-    """Make ``pl_module.on_load_checkpoint`` replay the checkpoint's records before Lightning loads the weights.
+    """Make ``pl_module.on_load_checkpoint`` replay the checkpoint's records before Lightning loads the weights,
+    and ``pl_module.on_save_checkpoint`` write them.
 
     Installed on the instance (like ``Distillation`` swaps ``training_step``), chained to the class's own
-    hook, and idempotent, so several compression callbacks can all call it.
+    hooks, and idempotent, so several compression callbacks can all call it. The module's hook (not only the
+    callbacks') writes the records because ``save_checkpoint(weights_only=True)`` skips callback hooks.
     """
     if getattr(pl_module, "_zoo_restore_hook", False):
         return
     original = pl_module.on_load_checkpoint
+    original_save = pl_module.on_save_checkpoint
+
+    def on_save_checkpoint(self: nn.Module, checkpoint: dict[str, Any]) -> None:
+        original_save(checkpoint)
+        save_records(self, checkpoint)
 
     def on_load_checkpoint(self: nn.Module, checkpoint: dict[str, Any]) -> None:
         records = checkpoint.get(CHECKPOINT_KEY) or []
@@ -91,6 +98,7 @@ def install_restore_hook(pl_module: nn.Module) -> None:
         original(checkpoint)
 
     pl_module.on_load_checkpoint = types.MethodType(on_load_checkpoint, pl_module)
+    pl_module.on_save_checkpoint = types.MethodType(on_save_checkpoint, pl_module)
     pl_module._zoo_restore_hook = True
 
 
