@@ -9,8 +9,13 @@ from every BEV query to every image token. Each configuration runs in its own pr
 of ``--repeats`` forwards after a warm-up; peak memory is the growth of the process's peak RSS during the
 forwards (CPU), or ``torch.cuda.max_memory_allocated`` (GPU).
 
-    python benchmarks/bev_scaling.py                  # a few minutes on 2 shared cores
+    python benchmarks/bev_scaling.py                  # ~15 minutes on 2 contended cores
     python benchmarks/bev_scaling.py --grids 50 100 --cameras 6 --repeats 5
+    python benchmarks/bev_scaling.py --grids 50 --cameras 6 --features 30x50 60x100   # larger image features
+
+With tiny's small C5 map (375 tokens a camera) the BEV-sized work (temporal attention, FFN) dominates and dense
+attention to 2,250 keys is no dearer than deformable sampling; the gap opens as the image features grow
+(``--features``), since dense cost grows with queries x image tokens and deformable cost does not.
 
 Prints a table, writes ``benchmarks/results/bev_scaling.json`` and a plot ``bev_scaling.png`` (matplotlib).
 """
@@ -32,7 +37,15 @@ IMAGE = (480, 800)
 RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
 
 
-def measure(grid: int, cameras: int, attention: str, repeats: int, threads: int, device: str) -> dict:
+def measure(
+    grid: int,
+    cameras: int,
+    attention: str,
+    repeats: int,
+    threads: int,
+    device: str,
+    features: tuple[int, int] = FEATURES,
+) -> dict:
     import torch
 
     from zoo.bev.encoder import BEVEncoder
@@ -46,8 +59,8 @@ def measure(grid: int, cameras: int, attention: str, repeats: int, threads: int,
     ).to(device).eval()  # fmt: skip
     rig = nuscenes_rig(IMAGE, CAMERA_NAMES[:cameras])
     lidar2img = torch.from_numpy(rig.lidar2img).float()[None].to(device)
-    tokens = FEATURES[0] * FEATURES[1]
-    features = torch.randn(1, cameras, tokens, 256, device=device)
+    tokens = features[0] * features[1]
+    feats = torch.randn(1, cameras, tokens, 256, device=device)
     query, pos, prev = (torch.randn(1, grid * grid, 256, device=device) for _ in range(3))
     can_bus = torch.zeros(1, 18, device=device)
     can_bus[0, :2] = torch.tensor([1.0, 0.5])
@@ -56,7 +69,7 @@ def measure(grid: int, cameras: int, attention: str, repeats: int, threads: int,
 
     def forward():
         with torch.no_grad():
-            encoder(query, pos, features, [FEATURES], lidar2img, IMAGE, can_bus, prev, prev_exists)
+            encoder(query, pos, feats, [features], lidar2img, IMAGE, can_bus, prev, prev_exists)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -79,6 +92,7 @@ def measure(grid: int, cameras: int, attention: str, repeats: int, threads: int,
         "grid": grid,
         "cameras": cameras,
         "attention": attention,
+        "features": list(features),
         "latency_ms": 1000 * statistics.median(times),
         "peak_mb": peak / 2**20,
     }
@@ -128,23 +142,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument(
+        "--features",
+        nargs="+",
+        default=["15x25"],
+        help="per-camera feature maps HxW (tiny's C5: 15x25; C4: 30x50)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    sizes = [tuple(int(v) for v in f.lower().split("x")) for f in args.features]
     jobs = [
-        (grid, cameras, attention, args.repeats, args.threads, args.device)
+        (grid, cameras, attention, args.repeats, args.threads, args.device, size)
+        for size in sizes
         for attention in args.attention
         for cameras in args.cameras
         for grid in args.grids
     ]
     context = mp.get_context("spawn")
     results = []
-    print(f"{'attention':<11} {'cams':>4} {'grid':>5} {'latency ms':>11} {'peak MiB':>9}")
+    print(f"{'features':>8} {'attention':<11} {'cams':>4} {'grid':>5} {'latency ms':>11} {'peak MiB':>9}")
     for job in jobs:
         with context.Pool(1) as pool:  # a fresh process per configuration: clean peak-memory figures
             row = pool.apply(_run, (job,))
         results.append(row)
         print(
-            f"{row['attention']:<11} {row['cameras']:>4} {row['grid']:>5} {row['latency_ms']:>11.1f} {row['peak_mb']:>9.1f}"
+            f"{'x'.join(map(str, row['features'])):>8} {row['attention']:<11} {row['cameras']:>4} {row['grid']:>5} {row['latency_ms']:>11.1f} {row['peak_mb']:>9.1f}"
         )
     ratios = []
     for row in results:
@@ -153,25 +175,26 @@ def main() -> None:
         dense = [
             r
             for r in results
-            if r["attention"] == "dense" and r["grid"] == row["grid"] and r["cameras"] == row["cameras"]
+            if r["attention"] == "dense"
+            and (r["grid"], r["cameras"], r["features"]) == (row["grid"], row["cameras"], row["features"])
         ]
         if dense:
             ratios.append({
-                "grid": row["grid"], "cameras": row["cameras"],
+                "grid": row["grid"], "cameras": row["cameras"], "features": row["features"],
                 "dense_over_deformable_latency": dense[0]["latency_ms"] / row["latency_ms"],
                 "dense_over_deformable_memory": dense[0]["peak_mb"] / max(row["peak_mb"], 1e-6),
             })  # fmt: skip
     if ratios:
         print("\ndense / deformable at the same size")
         for r in ratios:
-            print(f"  grid {r['grid']:>3}, {r['cameras']} cam: latency x{r['dense_over_deformable_latency']:.2f}, "
+            print(f"  {'x'.join(map(str, r['features']))} features, grid {r['grid']:>3}, {r['cameras']} cam: latency x{r['dense_over_deformable_latency']:.2f}, "
                   f"memory x{r['dense_over_deformable_memory']:.2f}")  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "question": "BEV encoder layer forward cost vs grid and cameras; deformable vs dense cross-attention",
         "setup": {
             "layer": "BEVFormer-tiny encoder layer",
-            "features": FEATURES,
+            "features": [list(f) for f in sizes],
             "batch": 1,
             "device": args.device,
             "threads": args.threads,
@@ -184,7 +207,7 @@ def main() -> None:
     }
     args.output.write_text(json.dumps(payload, indent=2))
     try:
-        plot(results, args.output.with_suffix(".png"))
+        plot([r for r in results if tuple(r["features"]) == sizes[0]], args.output.with_suffix(".png"))
         print(f"\nwrote {args.output} and {args.output.with_suffix('.png')}")
     except ImportError:
         print(f"\nwrote {args.output} (install matplotlib for the plot)")
