@@ -36,6 +36,10 @@ class ZooModule(LightningModule):
     #: Repeated block types (e.g. a transformer layer class). FSDP2 shards each instance as a
     #: unit; ``FSDPStrategy`` / DeepSpeed configs read the same tuple for auto-wrap.
     sharding_units: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: Names of frozen submodules called outside ``forward`` (a latent model's autoencoder): FSDP2 leaves their
+    #: parameters whole on every rank, as nothing would gather them before those calls. A unit's own methods
+    #: of that kind are listed in its ``fsdp_forward_methods`` instead, and are then gathered like ``forward``.
+    replicated_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -95,7 +99,7 @@ class ZooModule(LightningModule):
         mesh = self.device_mesh
         if mesh is None or not self.sharding_units:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         from zoo.strategies import materialize_parameters
 
@@ -107,5 +111,13 @@ class ZooModule(LightningModule):
                 # and sharded, so a rank never holds more than its shards plus one full unit.
                 materialize_parameters(module, device)
                 fully_shard(module, mesh=dp_mesh)
+                # methods besides forward that use the unit's parameters, e.g. a decoder's memory projection
+                for method in getattr(module, "fsdp_forward_methods", ()):
+                    register_fsdp_forward_method(module, method)
         materialize_parameters(self, device)  # what no unit holds (embeddings, heads, final norm)
-        fully_shard(self, mesh=dp_mesh)
+        whole = {p for name in self.replicated_modules for p in self.get_submodule(name).parameters()}
+        fully_shard(self, mesh=dp_mesh, ignored_params=whole or None)
+        # Lightning calls the step methods, not ``forward``: gather the root's own parameters for each step, as a
+        # step may use them before any forward (a conditioning embedding, a task head's projection).
+        for method in ("training_step", "validation_step", "test_step", "predict_step"):
+            register_fsdp_forward_method(self, method)

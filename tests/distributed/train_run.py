@@ -6,7 +6,7 @@ because the resume test kills it with SIGKILL.
     python train_run.py OUT FAMILY STRATEGY MAX_STEPS [--ckpt-every N] [--resume CKPT] [--step-delay S]
                         [--fixed-masks] [--clip NORM] [--accumulate N]
 
-FAMILY is ``vit`` or ``esm2`` (tiny sizes); STRATEGY ``single``, ``ddp`` or ``fsdp2`` (2 gloo processes).
+FAMILY is ``vit``, ``esm2``, ``multitask`` or ``ldm`` (tiny sizes); STRATEGY ``single``, ``ddp`` or ``fsdp2`` (2 gloo processes).
 The global batch is 8 (4 a rank on 2 processes), 48 samples an epoch (6 steps), so the data each optimizer
 step sees is the same for every strategy. Rank 0 writes ``OUT/result.pt``: the global-mean loss of every
 step, and at the end the full weights, optimizer and scheduler state, EMA weights and logged metrics.
@@ -30,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from zoo.callbacks import EMA
 from zoo.checkpointing import AtomicCheckpointIO, ResumableDataLoader, ResumeState
+from zoo.diffusion import LatentDiffusion
+from zoo.multitask import MultitaskModule
+from zoo.multitask.tasks import GENERATION, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, TaskSpec
 from zoo.optim import WarmupCosineLR
 from zoo.protein import Alphabet, ESM2MaskedLM
 from zoo.vision import ImageClassifier
@@ -84,6 +87,73 @@ class FixedMaskESM2(ESM2MaskedLM):
         return loss
 
 
+TASKS = [
+    TaskSpec("kind", SEQUENCE_CLASSIFICATION, num_classes=3),
+    TaskSpec("tags", TOKEN_CLASSIFICATION, num_classes=4),
+    TaskSpec("copy", GENERATION, max_target_length=5),
+]
+VOCAB = 24
+
+
+class TaskSet(Dataset):
+    """Unpadded random sequences for three tasks, so every rank's loss averages the same number of terms."""
+
+    def __init__(self, size: int) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.ids = torch.randint(4, VOCAB, (size, LENGTH), generator=g)  # ids 0-3: special tokens
+        self.kind = torch.randint(0, 3, (size,), generator=g)
+        self.tags = torch.randint(0, 4, (size, LENGTH), generator=g)
+        self.targets = torch.randint(4, VOCAB, (size, 5), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        ids, mask = self.ids[i], torch.ones(LENGTH, dtype=torch.bool)
+        return {
+            "kind": {"input_ids": ids, "padding_mask": mask, "labels": self.kind[i]},
+            "tags": {"input_ids": ids, "padding_mask": mask, "labels": self.tags[i]},
+            "copy": {"input_ids": ids, "padding_mask": mask, "target_ids": self.targets[i]},
+        }
+
+
+class NoisedImageSet(Dataset):
+    """Images with the diffusion noise and timestep each sample gets (see ``FixedNoiseLDM``)."""
+
+    def __init__(self, size: int) -> None:
+        g = torch.Generator().manual_seed(4)
+        self.images = torch.rand(size, 3, 16, 16, generator=g) * 2 - 1
+        self.labels = torch.randint(0, 12, (size,), generator=g)
+        self.noise = torch.randn(size, 4, 4, 4, generator=g)
+        self.timesteps = torch.randint(0, 1000, (size,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "image": self.images[i],
+            "label": self.labels[i],
+            "noise": self.noise[i],
+            "timestep": self.timesteps[i],
+        }
+
+
+class FixedNoiseLDM(LatentDiffusion):
+    """Noise and timesteps come with each sample instead of from a per-rank generator: 1 and N processes then
+    draw the same ones for the same samples (condition dropout is off for the same reason)."""
+
+    def draw_noise(self, batch, latents, generator=None):
+        return batch["noise"].to(latents), batch["timestep"].to(latents.device)
+
+
+def batch_fingerprint(batch) -> float:
+    """A number that identifies a (possibly nested) batch's samples."""
+    if isinstance(batch, dict):
+        return sum(batch_fingerprint(v) for v in batch.values())
+    return float(batch.float().sum())
+
+
 class RecordLosses(Callback):
     def __init__(self, delay: float) -> None:
         self.losses, self.batches, self.delay = [], [], delay
@@ -91,7 +161,7 @@ class RecordLosses(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")
         self.losses.append(float(loss))
-        self.batches.append(float(next(iter(batch.values())).float().sum()))  # identifies the batch's samples
+        self.batches.append(batch_fingerprint(batch))
         time.sleep(self.delay)  # lets the resume test kill the run between two checkpoints
 
 
@@ -116,6 +186,18 @@ def build_model(family: str, fixed_masks: bool):
             optimizer=optimizer,
             lr_scheduler=scheduler,
         ), ImageSet
+    if family == "multitask":
+        return MultitaskModule(
+            VOCAB, TASKS, d_model=32, num_heads=4, num_kv_heads=2, num_layers=2, task_layers=1,
+            decoder_layers=1, optimizer=optimizer, lr_scheduler=scheduler,
+        ), TaskSet  # fmt: skip
+    if family == "ldm":
+        from tests.diffusion.conftest import TINY_AE, TINY_UNET
+
+        return FixedNoiseLDM(
+            autoencoder=dict(TINY_AE), scale_factor=1.0, img_size=16, denoiser_config=dict(TINY_UNET),
+            num_classes=12, context_dim=16, condition_dropout=0.0, optimizer=optimizer, lr_scheduler=scheduler,
+        ), NoisedImageSet  # fmt: skip
     cls = FixedMaskESM2 if fixed_masks else ESM2MaskedLM
     return cls(
         num_layers=2, embed_dim=32, attention_heads=4, optimizer=optimizer, lr_scheduler=scheduler
@@ -125,7 +207,7 @@ def build_model(family: str, fixed_masks: bool):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("family", choices=["vit", "esm2"])
+    parser.add_argument("family", choices=["vit", "esm2", "multitask", "ldm"])
     parser.add_argument("strategy", choices=["single", "ddp", "fsdp2"])
     parser.add_argument("max_steps", type=int)
     parser.add_argument("--ckpt-every", type=int, default=0)

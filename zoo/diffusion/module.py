@@ -77,6 +77,8 @@ class LatentDiffusion(ZooModule):
             defaults of ``generate`` and of ``predict_step``.
     """
 
+    replicated_modules = ("first_stage",)  # frozen, and encode/decode run outside forward
+
     def __init__(
         self,
         autoencoder: str | dict | None = None,
@@ -307,6 +309,19 @@ class LatentDiffusion(ZooModule):
         unscaled = torch.stack([self._latent_cache[k] for k in keys]).to(self.device)
         return unscaled * self._require_scale()
 
+    def draw_noise(
+        self, batch: dict, latents: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise (with the optional offset) and the timesteps a loss evaluation uses, one per latent."""
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        if self.hparams.noise_offset:
+            offset = torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents)
+            noise = noise + self.hparams.noise_offset * offset
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (b,), generator=generator).to(latents.device)
+        return noise, timesteps
+
     def diffusion_loss(
         self,
         batch: dict,
@@ -322,12 +337,7 @@ class LatentDiffusion(ZooModule):
             masks = random_box_masks(b, images.shape[-1], generator, images.device)
             concat = self._concat_inputs(images, masks)
         cond = self.condition(batch, dropout, generator)
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
-        if self.hparams.noise_offset:
-            offset = torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents)
-            noise = noise + self.hparams.noise_offset * offset
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (b,), generator=generator).to(latents.device)
+        noise, timesteps = self.draw_noise(batch, latents, generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.hparams.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)

@@ -66,7 +66,7 @@ class Decoder(nn.Module):
         self.out = nn.Linear(d_model, vocab_size)
 
     def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [layer.cross_attn.project_memory(memory) for layer in self.layers]
+        return [layer.project_memory(memory) for layer in self.layers]
 
     def new_caches(self, capacity: int) -> list[KVCache]:
         return [KVCache(capacity) for _ in self.layers]

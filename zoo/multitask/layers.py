@@ -79,6 +79,9 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Causal self-attention (cacheable), cross-attention to the encoder output, feed-forward."""
 
+    #: methods besides ``forward`` that use the parameters: FSDP2 must gather them for these calls too
+    fsdp_forward_methods = ("project_memory",)
+
     def __init__(
         self,
         d_model: int,
@@ -96,6 +99,10 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_dim, dropout)
         self.dropout = nn.Dropout(dropout)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention keys and values of the encoder output, computed once per target sequence."""
+        return self.cross_attn.project_memory(memory)
 
     def forward(
         self,
