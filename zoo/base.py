@@ -93,6 +93,21 @@ class ZooModule(LightningModule):
             scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A trainer resuming from (or evaluating) a checkpoint of another model fails here, naming every
+        differing, missing and unexpected entry at once rather than PyTorch's first ``size mismatch``.
+
+        Subclasses that edit ``checkpoint["state_dict"]`` (e.g. put back omitted frozen weights) call this last.
+        ``Module.load_from_checkpoint`` without a trainer is left to ``load_state_dict`` and its ``strict`` flag.
+        """
+        if self._trainer is None or not self.strict_loading or "state_dict" not in checkpoint:
+            return
+        from zoo.checkpointing import check_checkpoint_matches
+
+        source = str(getattr(self.trainer, "ckpt_path", None) or "the checkpoint")
+        check_checkpoint_matches(self.state_dict(), checkpoint["state_dict"], source)
+
     # ---------------------------------------------------------------- sharding
     def configure_model(self) -> None:
         """Shard every ``sharding_units`` block, then the root, with FSDP2 under ``ModelParallelStrategy``."""

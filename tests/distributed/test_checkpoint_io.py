@@ -132,3 +132,31 @@ def test_resumable_loader_skips_consumed_batches_and_keeps_full_length():
     assert [b.tolist() for b in rest] == reference[4:]
     assert resumed.state_dict() == {"batches_yielded": 6}
     assert [b.tolist() for b in resumed] == reference  # the next iteration is a whole epoch again
+
+
+def test_resuming_from_another_models_checkpoint_names_the_differences(tmp_path, tiny_image_data):
+    import lightning as L
+
+    from zoo.vision import ImageClassifier
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(
+            accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+        )  # fmt: skip
+
+    def tiny(depth: int, dim: int) -> ImageClassifier:
+        return ImageClassifier(
+            "vit_tiny_patch16_224", patch_size=8, model_kwargs={"depth": depth, "embed_dim": dim}
+        )
+
+    first = trainer()
+    first.fit(tiny(depth=2, dim=48), tiny_image_data)
+    path = tmp_path / "two_blocks.ckpt"
+    first.save_checkpoint(path)
+    with pytest.raises(CheckpointError) as error:
+        trainer().fit(tiny(depth=1, dim=96), tiny_image_data, ckpt_path=path)
+    message = str(error.value)
+    assert message.startswith(f"{path} does not match the model")
+    assert "model.cls_token: checkpoint (1, 1, 48) vs model (1, 1, 96)" in message
+    assert "not in the model: model.blocks.1." in message

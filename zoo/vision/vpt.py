@@ -171,9 +171,9 @@ class VisualPromptTuning(ZooModule):
         checkpoint["vpt_backbone_omitted"] = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if not checkpoint.get("vpt_backbone_omitted"):
-            return
-        state = checkpoint["state_dict"]
-        for key, value in self.state_dict().items():
-            if key.startswith(_BACKBONE_PREFIX) and key not in state:
-                state[key] = value
+        if checkpoint.get("vpt_backbone_omitted"):
+            state = checkpoint["state_dict"]
+            for key, value in self.state_dict().items():
+                if key.startswith(_BACKBONE_PREFIX) and key not in state:
+                    state[key] = value
+        super().on_load_checkpoint(checkpoint)
