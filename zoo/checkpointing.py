@@ -139,6 +139,7 @@ def check_checkpoint_matches(
         for k in model_state
         if k in checkpoint_state
         and hasattr(checkpoint_state[k], "shape")
+        and hasattr(model_state[k], "shape")  # packed int8 weights are tuples, dtypes have no shape
         and tuple(checkpoint_state[k].shape) != tuple(model_state[k].shape)
     ]
     if not (missing or unexpected or shapes):
