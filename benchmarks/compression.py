@@ -86,13 +86,19 @@ def fresh_model(hparams: dict) -> ImageClassifier:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters, counting the weights that quantized layers keep as packed buffers (``weight()`` methods)."""
+    """Weights the model computes with: quantized layers keep theirs as packed buffers (``weight()`` methods),
+    weight-shared layers as codebook indices."""
     packed = sum(
         m.weight().numel()
         for m in model.modules()
         if callable(getattr(m, "weight", None)) and not isinstance(m.weight, torch.Tensor)
     )
-    return sum(p.numel() for p in model.parameters()) + packed
+    shared = sum(
+        m.weight_indices.numel() - m.weight_codebook.numel()
+        for m in model.modules()
+        if hasattr(m, "weight_codebook")
+    )
+    return sum(p.numel() for p in model.parameters()) + packed + shared
 
 
 def accuracy(model: torch.nn.Module, loader) -> float:
@@ -117,6 +123,54 @@ def latencies(models: dict[str, torch.nn.Module], batch: int, repeats: int) -> d
                 model(x)
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def build_rows(models: dict[str, torch.nn.Module], val, batch1: dict, batch32: dict) -> list[dict]:
+    dense = models["float32"]
+    rows = []
+    base_acc = accuracy(dense, val)
+    base_size = state_dict_bytes(dense)
+    for name, model in models.items():
+        acc = base_acc if name == "float32" else accuracy(model, val)
+        size = state_dict_bytes(model)
+        row = {
+            "stage": name,
+            "parameters": count_parameters(model),
+            "size_bytes": size,
+            "size_vs_float32": size / base_size,
+            "val_accuracy": acc,
+            "accuracy_drop_points": 100 * (base_acc - acc),
+        }
+        if name in batch32:
+            row.update(
+                latency_b1_ms=1000 * batch1[name],
+                latency_b32_ms=1000 * batch32[name],
+                speedup_b1=batch1["float32"] / batch1[name],
+                speedup_b32=batch32["float32"] / batch32[name],
+            )
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'stage':28} {'params':>9} {'size MB':>8} {'size':>6} {'b1 ms':>7} {'b32 ms':>8} {'x b32':>6} {'acc':>7} {'drop':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        b1 = f"{r['latency_b1_ms']:7.2f}" if "latency_b1_ms" in r else f"{'-':>7}"
+        b32 = f"{r['latency_b32_ms']:8.1f}" if "latency_b32_ms" in r else f"{'-':>8}"
+        x32 = f"{r['speedup_b32']:6.2f}" if "speedup_b32" in r else f"{'-':>6}"
+        print(
+            f"{r['stage']:28} {r['parameters'] / 1e6:8.2f}M {r['size_bytes'] / 1e6:8.2f} {r['size_vs_float32']:6.1%}"
+            f" {b1} {b32} {x32} {r['val_accuracy']:7.2%} {r['accuracy_drop_points']:6.2f}"
+        )
+
+
+START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f} s] {message}", flush=True)
 
 
 def main() -> None:
@@ -152,6 +206,7 @@ def main() -> None:
         if args.limit_train_batches is None
         else [f"--trainer.limit_train_batches={args.limit_train_batches}"]
     )
+    progress("pruned and int8 variants built; running the pipeline config")
     last, compressed, finetune_seconds = run_pipeline(checkpoint, args.work_dir, args.finetune_epochs, extra)
     models["pruned + fine-tune"] = load_compressed(fresh_model(hparams), last).eval()
     models["pipeline (+ int8)"] = load_compressed(fresh_model(hparams), compressed).eval()
@@ -162,44 +217,13 @@ def main() -> None:
         models["k-means 16 (no fine-tune)"] = copy.deepcopy(dense)
         share_weights(models["k-means 16 (no fine-tune)"], clusters=16)
 
+    progress("models ready; timing")
     timed = {k: v for k, v in models.items() if not k.startswith(("int4", "k-means"))}
     batch32 = latencies(timed, 32, args.repeats)
     batch1 = latencies(timed, 1, args.repeats * 3)
-    rows = []
-    base_acc = accuracy(dense, val)
-    base_size = state_dict_bytes(dense)
-    for name, model in models.items():
-        acc = base_acc if name == "float32" else accuracy(model, val)
-        size = state_dict_bytes(model)
-        row = {
-            "stage": name,
-            "parameters": sum(p.numel() for p in model.parameters())
-            + sum(m.weight().numel() for m in model.modules() if hasattr(m, "_packed_params")),
-            "size_bytes": size,
-            "size_vs_float32": size / base_size,
-            "val_accuracy": acc,
-            "accuracy_drop_points": 100 * (base_acc - acc),
-        }
-        if name in batch32:
-            row.update(
-                latency_b1_ms=1000 * batch1[name],
-                latency_b32_ms=1000 * batch32[name],
-                speedup_b1=batch1["float32"] / batch1[name],
-                speedup_b32=batch32["float32"] / batch32[name],
-            )
-        rows.append(row)
-
-    header = f"{'stage':28} {'params':>9} {'size MB':>8} {'size':>6} {'b1 ms':>7} {'b32 ms':>8} {'x b32':>6} {'acc':>7} {'drop':>6}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        b1 = f"{r['latency_b1_ms']:7.2f}" if "latency_b1_ms" in r else f"{'-':>7}"
-        b32 = f"{r['latency_b32_ms']:8.1f}" if "latency_b32_ms" in r else f"{'-':>8}"
-        x32 = f"{r['speedup_b32']:6.2f}" if "speedup_b32" in r else f"{'-':>6}"
-        print(
-            f"{r['stage']:28} {r['parameters'] / 1e6:8.2f}M {r['size_bytes'] / 1e6:8.2f} {r['size_vs_float32']:6.1%}"
-            f" {b1} {b32} {x32} {r['val_accuracy']:7.2%} {r['accuracy_drop_points']:6.2f}"
-        )
+    progress("timed; evaluating")
+    rows = build_rows(models, val, batch1, batch32)
+    print_table(rows)
     result = {
         "checkpoint": str(checkpoint),
         "finetune_epochs": args.finetune_epochs,
