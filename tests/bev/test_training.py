@@ -41,6 +41,5 @@ def test_short_training_beats_the_untrained_model(tmp_path):
     trainer.fit(model, data)
     trained = validate(common, model, data)
     # measured: mAP 0.021 (car 0.031) after these 144 steps (3.5 min on 2 contended cores); untrained 0.0
-    assert trained["val/mAP"] > 0.01, trained
-    assert trained["val/mAP"] > 5 * untrained["val/mAP"] + 0.005, (untrained, trained)
+    assert trained["val/mAP"] > max(0.01, 3 * untrained["val/mAP"]), (untrained, trained)
     assert trained["val/NDS"] > untrained["val/NDS"]
