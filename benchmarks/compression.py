@@ -181,6 +181,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/compression_benchmark"))
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--pipeline-run", type=Path, help="reuse a finished pipeline run's directory instead of fitting again"
+    )
     parser.add_argument("--limit-train-batches", type=int, help="shorten the fine-tune (smoke runs)")
     parser.add_argument("--no-extras", action="store_true", help="skip the int4 GPTQ and k-means rows")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -207,7 +210,16 @@ def main() -> None:
         else [f"--trainer.limit_train_batches={args.limit_train_batches}"]
     )
     progress("pruned and int8 variants built; running the pipeline config")
-    last, compressed, finetune_seconds = run_pipeline(checkpoint, args.work_dir, args.finetune_epochs, extra)
+    if args.pipeline_run is None:
+        last, compressed, finetune_seconds = run_pipeline(
+            checkpoint, args.work_dir, args.finetune_epochs, extra
+        )
+    else:
+        last = max(args.pipeline_run.rglob("last.ckpt"), key=os.path.getmtime)
+        compressed, finetune_seconds = (
+            max(args.pipeline_run.rglob("compressed.ckpt"), key=os.path.getmtime),
+            None,
+        )
     models["pruned + fine-tune"] = load_compressed(fresh_model(hparams), last).eval()
     models["pipeline (+ int8)"] = load_compressed(fresh_model(hparams), compressed).eval()
     if not args.no_extras:
