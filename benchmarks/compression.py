@@ -182,6 +182,13 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads for the timings; 1 keeps them stable on a shared machine (with 2 threads on 2 busy "
+        "cores the same model's batch-32 time swung from 44 ms to 1.5 s between runs)",
+    )
+    parser.add_argument(
         "--pipeline-run", type=Path, help="reuse a finished pipeline run's directory instead of fitting again"
     )
     parser.add_argument("--limit-train-batches", type=int, help="shorten the fine-tune (smoke runs)")
@@ -230,6 +237,7 @@ def main() -> None:
         share_weights(models["k-means 16 (no fine-tune)"], clusters=16)
 
     progress("models ready; timing")
+    torch.set_num_threads(args.threads)
     timed = {k: v for k, v in models.items() if not k.startswith(("int4", "k-means"))}
     batch32 = latencies(timed, 32, args.repeats)
     batch1 = latencies(timed, 1, args.repeats * 3)
