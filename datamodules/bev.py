@@ -406,6 +406,12 @@ class BEVDetectionDataModule(SplitDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def detection_classes(self) -> list[str]:
+        """The class names, linked into ``BEVFormerDetector.class_names`` by the CLI. A name of its own: other data
+        modules have ``class_names`` too, and a link whose target a model lacks lands in its ``dict_kwargs``."""
+        return list(self.class_names)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return

@@ -31,7 +31,7 @@ DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
     ("tasks", "tasks"),
     ("vocab_size", "vocab_size"),
     ("caption_vocabulary", "caption_vocabulary"),
-    ("class_names", "class_names"),
+    ("detection_classes", "class_names"),
     ("point_cloud_range", "point_cloud_range"),
 )
 
