@@ -23,8 +23,9 @@ import zoo.vision  # noqa: F401
 
 __all__ = ["DATA_TO_MODEL_LINKS", "ZooCLI", "main"]
 
-#: ``(data module attribute, model argument)`` pairs. A link applies only where the chosen model
-#: has the argument, so each family adds its own pairs here without affecting the others.
+#: ``(data module attribute, model argument)`` pairs. A link whose source the data module lacks is skipped;
+#: one whose target the model lacks still reaches it as an extra keyword (jsonargparse's ``dict_kwargs``),
+#: so a family's source attribute needs a name no other family's data module has (``detection_classes``).
 DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
     ("num_classes", "num_classes"),
     ("image_size", "img_size"),
