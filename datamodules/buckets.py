@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from torch.utils.data import BatchSampler, DistributedSampler, Sampler
+from torch.utils.data import Sampler
+
+from zoo.datamodules.epoch_plans import EpochPlanBatchSampler
 
 __all__ = ["BucketBatchSampler", "nearest_bucket", "resolution_buckets"]
 
@@ -43,14 +45,12 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> i
     return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - target))
 
 
-class BucketBatchSampler(BatchSampler):
+class BucketBatchSampler(EpochPlanBatchSampler):
     """Batches whose items all come from one bucket; every item is served once per epoch.
 
     Each epoch, each bucket's items are shuffled and cut into batches of ``batch_size`` (the last one of a
     bucket may be smaller, or is dropped with ``drop_last``), and the batches of all buckets are shuffled
-    together. Distributed runs follow ``TokenBudgetBatchSampler``: Lightning re-creates this sampler around a
-    ``DistributedSampler`` whose rank, world size and epoch are read; every rank builds the same plan and
-    takes every ``world``-th batch, padded by repetition so that all ranks run the same number of steps.
+    together; ``EpochPlanBatchSampler`` shards them over DDP ranks.
     """
 
     def __init__(
@@ -71,12 +71,8 @@ class BucketBatchSampler(BatchSampler):
         self.seed = seed
         self.drop_last = drop_last
 
-    def _placement(self) -> tuple[int, int, int]:
-        if isinstance(self.sampler, DistributedSampler):
-            return self.sampler.epoch, self.sampler.rank, self.sampler.num_replicas
-        return 0, 0, 1
-
-    def _batches(self, generator: np.random.Generator | None) -> list[list[int]]:
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        generator = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         batches = []
         for bucket in np.unique(self.bucket_of):
             items = np.flatnonzero(self.bucket_of == bucket)
@@ -90,17 +86,5 @@ class BucketBatchSampler(BatchSampler):
             batches = [batches[i] for i in generator.permutation(len(batches))]
         return batches
 
-    def _plan(self) -> list[list[int]]:
-        epoch, rank, world = self._placement()
-        batches = self._batches(np.random.default_rng([self.seed, epoch]) if self.shuffle else None)
-        if world > 1 and batches:
-            batches += batches[: (-len(batches)) % world]
-            batches = batches[rank::world]
-        return batches
-
-    def __iter__(self):
-        yield from self._plan()
-
-    def __len__(self) -> int:
-        _, _, world = self._placement()
-        return -(-len(self._batches(None)) // world)
+    def num_epoch_batches(self) -> int:
+        return len(self.epoch_batches(0))

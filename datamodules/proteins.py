@@ -27,8 +27,9 @@ from typing import Literal
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from zoo.datamodules.epoch_plans import EpochPlanBatchSampler
 from zoo.datamodules.splits import SplitDataModule
 from zoo.protein.alphabet import Alphabet
 from zoo.protein.fasta import OK, PROBLEM_NAMES, FastaIndex
@@ -187,17 +188,14 @@ class ProteinCollate:
         return batch
 
 
-class TokenBudgetBatchSampler(BatchSampler):
+class TokenBudgetBatchSampler(EpochPlanBatchSampler):
     """Length-sorted batches whose padded size (``count x longest``) stays within ``max_tokens``.
 
     Each epoch, items are shuffled, stably sorted by length and cut greedily into batches; the batch
     order is shuffled too (``shuffle=True``). Only ties change from epoch to epoch, so the number of
     batches is fixed, which Lightning's epoch length and schedulers rely on.
 
-    Distributed runs: Lightning re-creates this sampler with a ``DistributedSampler`` as ``sampler``;
-    its rank, world size and epoch (``set_epoch`` is called on it every epoch) are used, every rank
-    builds the same global plan and takes every ``world``-th batch, the plan padded by repeating
-    batches so that every rank runs the same number of steps. Its own index order is not used.
+    ``EpochPlanBatchSampler`` shards the batches over DDP ranks.
     """
 
     def __init__(
@@ -222,12 +220,6 @@ class TokenBudgetBatchSampler(BatchSampler):
         self.drop_last = drop_last  # accepted for Lightning's re-instantiation; every item is used
         self._count: int | None = None
 
-    def _placement(self) -> tuple[int, int, int]:
-        """``(epoch, rank, world)`` from a (Lightning-injected) distributed sampler, else one process."""
-        if isinstance(self.sampler, DistributedSampler):
-            return self.sampler.epoch, self.sampler.rank, self.sampler.num_replicas
-        return 0, 0, 1
-
     def _cut(self, sorted_lengths: np.ndarray) -> list[tuple[int, int]]:
         """Greedy ``[start, end)`` spans over ascending lengths: the last item is each span's longest."""
         spans, start, n = [], 0, len(sorted_lengths)
@@ -239,27 +231,19 @@ class TokenBudgetBatchSampler(BatchSampler):
             start += size
         return spans
 
-    def _plan(self) -> list[list[int]]:
-        epoch, rank, world = self._placement()
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
         generator = np.random.default_rng([self.seed, epoch])
         order = generator.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
         order = order[np.argsort(self.lengths[order], kind="stable")]
         batches = [order[a:b].tolist() for a, b in self._cut(self.lengths[order])]
         if self.shuffle:
             batches = [batches[i] for i in generator.permutation(len(batches))]
-        if world > 1 and batches:
-            batches += batches[: (-len(batches)) % world]
-            batches = batches[rank::world]
         return batches
 
-    def __iter__(self):
-        yield from self._plan()
-
-    def __len__(self) -> int:
+    def num_epoch_batches(self) -> int:
         if self._count is None:
             self._count = len(self._cut(np.sort(self.lengths)))
-        _, _, world = self._placement()
-        return -(-self._count // world)
+        return self._count
 
 
 class ProteinLoaders(SplitDataModule):
