@@ -23,22 +23,6 @@ def _resnet10t(channels: tuple[int, ...]) -> ImageClassifier:
     )
 
 
-def _fit(model: ImageClassifier, data, epochs: int, callbacks=()) -> None:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-    )
-    trainer.fit(model, data)
-
-
 @torch.no_grad()
 def _agreement(teacher: ImageClassifier, student: ImageClassifier, data) -> float:
     teacher.eval(), student.eval()
@@ -50,8 +34,8 @@ def _agreement(teacher: ImageClassifier, student: ImageClassifier, data) -> floa
 
 
 @pytest.mark.slow
-def test_soft_distilled_student_agrees_with_its_teacher(tmp_path):
-    """A ResNet-10t teacher (4.9M parameters, 4 epochs) teaches a student 4x narrower (14x fewer parameters) with ``alpha=1``.
+def test_soft_distilled_student_agrees_with_its_teacher(make_trainer):
+    """A ResNet-10t teacher (4.9M parameters, 4 epochs) teaches a student 4x narrower (14x fewer parameters).
 
     With ``alpha=1`` the student's loss is the temperature-scaled KL to the teacher alone: the labels never
     reach it, so everything it gets right it learnt from the teacher. About 100 s on 2 cores.
@@ -59,12 +43,14 @@ def test_soft_distilled_student_agrees_with_its_teacher(tmp_path):
     L.seed_everything(0)
     data = ImageClassificationDataModule(batch_size=64, train_size=7680)
     teacher = _resnet10t((64, 128, 256, 512))
-    _fit(teacher, data, epochs=4)
+    make_trainer(max_epochs=4, limit_val_batches=0, deterministic=False).fit(teacher, data)
 
     L.seed_everything(0)
     student = _resnet10t((16, 32, 64, 128))
     assert 10 * sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
     distillation = Distillation(teacher=teacher, mode="soft", alpha=1.0, temperature=2.0)
-    _fit(student, data, epochs=3, callbacks=[distillation])
+    make_trainer(max_epochs=3, limit_val_batches=0, deterministic=False, callbacks=[distillation]).fit(
+        student, data
+    )
 
     assert _agreement(teacher, student, data) >= 0.95
