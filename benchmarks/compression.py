@@ -37,7 +37,7 @@ import torch
 from zoo.callbacks import load_teacher
 from zoo.callbacks.compression import (
     load_compressed,
-    prune_vit,
+    prune_transformer,
     quantize_dynamic_int8,
     quantize_int4_gptq,
     share_weights,
@@ -209,7 +209,7 @@ def main() -> None:
     models["int8 dynamic"] = copy.deepcopy(dense)
     quantize_dynamic_int8(models["int8 dynamic"], backend="torch.ao")
     models["pruned (no fine-tune)"] = copy.deepcopy(dense)
-    prune_vit(models["pruned (no fine-tune)"], head_fraction=0.34, mlp_fraction=0.5, importance="l2")
+    prune_transformer(models["pruned (no fine-tune)"], head_fraction=0.34, mlp_fraction=0.5, importance="l2")
 
     extra = (
         []

@@ -5,7 +5,7 @@ architecture change in the checkpoint (``zoo_compression``) so ``zoo validate --
 
 - ``MagnitudePruning``: unstructured magnitude pruning (global or per layer) on a cubic schedule (Zhu & Gupta
   2017) over epochs or steps; Lightning's ``ModelPruning`` + ``torch.nn.utils.prune`` masks, made permanent.
-- ``StructuredPruning``: removes ViT heads, MLP units and whole blocks (by L1/L2/Taylor importance, Block
+- ``StructuredPruning``: removes attention heads and MLP units of any zoo transformer, whole ViT blocks (by L1/L2/Taylor importance, Block
   Influence) and conv channels (``torch_pruning``), before fine-tuning.
 - ``Quantization``: int8 dynamic (``torch.ao`` on CPU, torchao on CUDA), static int8 calibrated on validation
   batches, quantization-aware training, and GPTQ 4-bit weight-only Linear layers.
@@ -21,7 +21,7 @@ from zoo.callbacks.compression.structured import (
     prune_attention_heads,
     prune_conv_channels,
     prune_mlp_units,
-    prune_vit,
+    prune_transformer,
 )
 from zoo.callbacks.compression.unstructured import MagnitudePruning, cubic_sparsity, sparsity_report
 from zoo.callbacks.compression.weight_sharing import WeightSharing, kmeans_1d, share_weights, storage_report
@@ -40,7 +40,7 @@ __all__ = [
     "prune_attention_heads",
     "prune_conv_channels",
     "prune_mlp_units",
-    "prune_vit",
+    "prune_transformer",
     "quantize_dynamic_int8",
     "quantize_int4_gptq",
     "replay",

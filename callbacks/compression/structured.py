@@ -3,10 +3,10 @@
 ``torch.nn.utils.prune`` and Lightning's ``ModelPruning`` only mask, so nothing gets faster. Here the layers
 are rebuilt with fewer rows/columns:
 
-- timm ViT blocks (``timm.layers.Attention`` + ``timm.layers.Mlp``), written here: a pruned head removes its
-  rows of ``qkv`` (query, key and value parts) and of the optional gate, its columns of ``proj``, and lowers
-  ``num_heads``/``attn_dim``; a pruned MLP unit removes a row of ``fc1`` and a column of ``fc2``. timm's own
-  ``forward`` then runs unchanged on the smaller layers.
+- Attention heads and feed-forward hidden units of any zoo transformer (timm ViTs, ESM-2, the multitask
+  Transformer), written here (:mod:`~zoo.callbacks.compression.surgery`): a pruned head removes its query,
+  key and value rows and its output-projection columns; a pruned hidden unit a row of ``fc1`` and a column of
+  ``fc2``. The models' own ``forward`` then runs unchanged on the smaller layers.
 - Whole blocks of deep transformers (layer dropping), ranked by Block Influence (ShortGPT, Men et al. 2024:
   ``1 - cos(block input, block output)`` averaged over calibration tokens); the least influential go.
 - Conv channels: reused from ``torch_pruning`` (Fang et al. 2023), whose dependency graph finds the layers
@@ -36,6 +36,15 @@ from zoo.callbacks.compression.records import (
     register_replay,
     save_records,
 )
+from zoo.callbacks.compression.surgery import (
+    attention_modules,
+    drop_blocks,
+    feed_forward_modules,
+    notify_head_pruning,
+    prune_attention_heads,
+    prune_mlp_units,
+    unit_slices,
+)
 
 __all__ = [
     "StructuredPruning",
@@ -44,98 +53,10 @@ __all__ = [
     "prune_attention_heads",
     "prune_conv_channels",
     "prune_mlp_units",
-    "prune_vit",
-    "vit_blocks",
+    "prune_transformer",
 ]
 
 Importance = Literal["l1", "l2", "taylor"]
-
-
-# --------------------------------------------------------------------------------------- layer surgery
-def _select(linear: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Linear:
-    weight = linear.weight.detach()
-    bias = linear.bias.detach() if linear.bias is not None else None
-    if rows is not None:
-        weight = weight[rows]
-        bias = bias[rows] if bias is not None else None
-    if cols is not None:
-        weight = weight[:, cols]
-    new = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    new.train(linear.training)
-    return new
-
-
-def _select_norm(norm: nn.Module, keep: Tensor) -> None:
-    if isinstance(norm, nn.LayerNorm):
-        norm.normalized_shape = (len(keep),)
-        if norm.weight is not None:
-            norm.weight = nn.Parameter(norm.weight.detach()[keep].clone())
-        if norm.bias is not None:
-            norm.bias = nn.Parameter(norm.bias.detach()[keep].clone())
-    elif not isinstance(norm, nn.Identity):
-        raise TypeError(f"cannot prune through a {type(norm).__name__} normalisation")
-
-
-def prune_attention_heads(attn: nn.Module, keep: Sequence[int]) -> None:
-    """Keep only heads ``keep`` of a timm ``Attention`` (qkv rows, gate rows, proj columns, num_heads)."""
-    keep_t = torch.as_tensor(sorted(keep), dtype=torch.long)
-    heads, head_dim = attn.num_heads, attn.head_dim
-    if len(keep_t) == 0 or keep_t.max() >= heads:
-        raise ValueError(f"keep must name between 1 and {heads} of the {heads} heads, got {list(keep)}")
-    units = (keep_t[:, None] * head_dim + torch.arange(head_dim)).flatten()  # channels of the kept heads
-    attn_dim = heads * head_dim
-    qkv_rows = torch.cat([units + part * attn_dim for part in range(3)])
-    attn.qkv = _select(attn.qkv, rows=qkv_rows)
-    if getattr(attn, "gate", None) is not None:
-        attn.gate = _select(attn.gate, rows=units)
-    _select_norm(attn.norm, units)
-    attn.proj = _select(attn.proj, cols=units)
-    attn.num_heads = len(keep_t)
-    attn.attn_dim = len(keep_t) * head_dim
-
-
-def prune_mlp_units(mlp: nn.Module, keep: Sequence[int]) -> None:
-    """Keep only hidden units ``keep`` of a timm ``Mlp`` (fc1 rows, fc2 columns, optional hidden norm)."""
-    keep_t = torch.as_tensor(sorted(keep), dtype=torch.long)
-    if len(keep_t) == 0 or keep_t.max() >= mlp.fc1.out_features:
-        raise ValueError(f"keep must name between 1 and {mlp.fc1.out_features} hidden units")
-    mlp.fc1 = _select(mlp.fc1, rows=keep_t)
-    _select_norm(mlp.norm, keep_t)
-    mlp.fc2 = _select(mlp.fc2, cols=keep_t)
-
-
-def _is_vit_block(module: nn.Module) -> bool:
-    attn, mlp = getattr(module, "attn", None), getattr(module, "mlp", None)
-    return (
-        attn is not None
-        and all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "head_dim"))
-        and isinstance(attn.qkv, nn.Linear)
-        and mlp is not None
-        and isinstance(getattr(mlp, "fc1", None), nn.Linear)
-        and isinstance(getattr(mlp, "fc2", None), nn.Linear)
-    )
-
-
-def vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The timm-style transformer blocks (``attn.qkv/proj``, ``mlp.fc1/fc2``) of ``model``, by name."""
-    return [(name, m) for name, m in model.named_modules() if _is_vit_block(m)]
-
-
-def drop_blocks(model: nn.Module, container: str, keep: Sequence[int]) -> None:
-    """Keep only the blocks ``keep`` of the ``nn.Sequential`` named ``container`` (e.g. ``model.blocks``)."""
-    blocks = model.get_submodule(container)
-    if not isinstance(blocks, nn.Sequential):
-        raise TypeError(f"{container!r} is a {type(blocks).__name__}; layer dropping needs an nn.Sequential")
-    kept = [blocks[i] for i in sorted(keep)]
-    parent_name, _, attribute = container.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attribute, nn.Sequential(*kept))
 
 
 # ----------------------------------------------------------------------------------------- importance
@@ -159,47 +80,22 @@ def _unit_scores(parts: list[tuple[Tensor, Tensor | None]], kind: Importance) ->
     return total.pow(2) if kind == "taylor" else (total.sqrt() if kind == "l2" else total)
 
 
-def _grad(p: Tensor) -> Tensor | None:
-    return p.grad
-
-
 def head_scores(attn: nn.Module, kind: Importance) -> Tensor:
-    heads, head_dim, dim = attn.num_heads, attn.head_dim, attn.qkv.in_features
-    qkv_w = attn.qkv.weight.view(3, heads, head_dim, dim).transpose(0, 1).reshape(heads, -1)
-    qkv_g = _grad(attn.qkv.weight)
-    qkv_g = (
-        qkv_g.view(3, heads, head_dim, dim).transpose(0, 1).reshape(heads, -1) if qkv_g is not None else None
-    )
-    proj_w = attn.proj.weight.view(attn.proj.out_features, heads, head_dim).transpose(0, 1)
-    proj_g = _grad(attn.proj.weight)
-    proj_g = (
-        proj_g.view(attn.proj.out_features, heads, head_dim).transpose(0, 1) if proj_g is not None else None
-    )
-    parts = [(qkv_w, qkv_g), (proj_w, proj_g)]
-    if attn.qkv.bias is not None:
-        b, g = attn.qkv.bias, _grad(attn.qkv.bias)
-        parts.append(
-            (
-                b.view(3, heads, head_dim).transpose(0, 1),
-                g.view(3, heads, head_dim).transpose(0, 1) if g is not None else None,
-            )
-        )
-    return _unit_scores(parts, kind)
+    """The importance of each prunable unit (head or key/value group) of an attention module."""
+    return _unit_scores(unit_slices(attn), kind)
 
 
 def mlp_scores(mlp: nn.Module, kind: Importance) -> Tensor:
-    parts = [(mlp.fc1.weight, _grad(mlp.fc1.weight)), (mlp.fc2.weight.t(), _transpose(_grad(mlp.fc2.weight)))]
-    if mlp.fc1.bias is not None:
-        parts.append((mlp.fc1.bias[:, None], _unsqueeze(_grad(mlp.fc1.bias))))
+    """The importance of each hidden unit of an ``fc1 -> fc2`` layer (its fc1 row and bias, its fc2 column)."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    parts = [(fc1.weight, fc1.weight.grad), (fc2.weight.t(), _transpose(fc2.weight.grad))]
+    if fc1.bias is not None:
+        parts.append((fc1.bias[:, None], fc1.bias.grad[:, None] if fc1.bias.grad is not None else None))
     return _unit_scores(parts, kind)
 
 
 def _transpose(t: Tensor | None) -> Tensor | None:
     return t.t() if t is not None else None
-
-
-def _unsqueeze(t: Tensor | None) -> Tensor | None:
-    return t[:, None] if t is not None else None
 
 
 def _lowest(scores: Tensor, fraction: float) -> list[int]:
@@ -241,17 +137,25 @@ def block_influence(model: nn.Module, container: str, inputs: list[Any]) -> Tens
 
 
 def _blocks_container(model: nn.Module) -> str:
-    blocks = vit_blocks(model)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no timm-style transformer blocks to prune")
-    container = blocks[0][0].rpartition(".")[0]
-    if not isinstance(model.get_submodule(container), nn.Sequential):
-        raise TypeError(f"the transformer blocks live in {container!r}, which is not an nn.Sequential")
-    return container
+    """The container of the transformer blocks: the nearest ``Sequential``/``ModuleList`` above an attention."""
+    attentions = attention_modules(model)
+    if not attentions:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to drop")
+    parts = attentions[0][0].split(".")
+    for length in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:length])
+        if isinstance(model.get_submodule(name), (nn.Sequential, nn.ModuleList)):
+            return name
+    raise TypeError(f"the attention {attentions[0][0]!r} is not inside a sequence of blocks")
 
 
-# ------------------------------------------------------------------------------------------ ViT pruning
-def prune_vit(
+# ---------------------------------------------------------------------------------- transformer pruning
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def prune_transformer(
     model: nn.Module,
     head_fraction: float = 0.0,
     mlp_fraction: float = 0.0,
@@ -259,17 +163,18 @@ def prune_vit(
     importance: Importance = "l2",
     calibration_inputs: list[Any] | None = None,
 ) -> dict:
-    """Remove ``head_fraction`` of every block's heads, ``mlp_fraction`` of its MLP units and ``drop_layers``
-    whole blocks, in place; returns (and records) the kept indices.
+    """Remove ``head_fraction`` of every attention's heads, ``mlp_fraction`` of every feed-forward layer's
+    hidden units and ``drop_layers`` whole blocks, in place; returns (and records) what was kept.
 
-    The same count is removed from every block, so all blocks keep equal shapes (uniform, latency-friendly).
-    ``importance="taylor"`` reads ``.grad`` of the weights (fill it before calling); ``drop_layers`` needs
-    ``calibration_inputs`` (a list of model inputs).
+    Works on every attention layout of :mod:`~zoo.callbacks.compression.surgery` (timm ViTs, ESM-2, the
+    multitask Transformer). The same count is removed everywhere, so all layers keep equal shapes (uniform,
+    latency-friendly, and what ESM-2's contact head needs). ``importance="taylor"`` reads ``.grad`` of the
+    weights (fill it before calling); ``drop_layers`` needs ``calibration_inputs`` (a list of model inputs)
+    and blocks held in an ``nn.Sequential``.
     """
-    for name, value in (("head_fraction", head_fraction), ("mlp_fraction", mlp_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
-    record: dict[str, Any] = {"kind": "vit_structured", "blocks": None, "heads": {}, "mlp": {}}
+    _check_fraction("head_fraction", head_fraction)
+    _check_fraction("mlp_fraction", mlp_fraction)
+    record: dict[str, Any] = {"kind": "transformer_structured", "blocks": None, "heads": {}, "mlp": {}}
     if drop_layers:
         container = _blocks_container(model)
         if calibration_inputs is None:
@@ -281,27 +186,31 @@ def prune_vit(
         keep = sorted(torch.argsort(influence, descending=True)[: count - drop_layers].tolist())
         drop_blocks(model, container, keep)
         record["blocks"] = {"container": container, "keep": keep}
-    for name, block in vit_blocks(model):
-        if head_fraction > 0:
-            keep = _lowest(head_scores(block.attn, importance), head_fraction)
-            prune_attention_heads(block.attn, keep)
-            record["heads"][name] = keep
-        if mlp_fraction > 0:
-            keep = _lowest(mlp_scores(block.mlp, importance), mlp_fraction)
-            prune_mlp_units(block.mlp, keep)
-            record["mlp"][name] = keep
+    if head_fraction > 0:
+        for name, attn in attention_modules(model):
+            record["heads"][name] = _lowest(head_scores(attn, importance), head_fraction)
+    if mlp_fraction > 0:
+        for name, mlp in feed_forward_modules(model):
+            record["mlp"][name] = _lowest(mlp_scores(mlp, importance), mlp_fraction)
+    _prune_units(model, record)
     add_record(model, record)
     return record
 
 
-@register_replay("vit_structured")
-def _replay_vit(model: nn.Module, record: dict) -> None:
+def _prune_units(model: nn.Module, record: dict) -> None:
+    for name, keep in record["heads"].items():
+        prune_attention_heads(model.get_submodule(name), keep)
+    for name, keep in record["mlp"].items():
+        prune_mlp_units(model.get_submodule(name), keep)
+    if record["heads"]:
+        notify_head_pruning(model, record["heads"])
+
+
+@register_replay("transformer_structured")
+def _replay_transformer(model: nn.Module, record: dict) -> None:
     if record.get("blocks"):
         drop_blocks(model, record["blocks"]["container"], record["blocks"]["keep"])
-    for name, keep in record["heads"].items():
-        prune_attention_heads(model.get_submodule(name).attn, keep)
-    for name, keep in record["mlp"].items():
-        prune_mlp_units(model.get_submodule(name).mlp, keep)
+    _prune_units(model, record)
 
 
 # ------------------------------------------------------------------------------------- conv channels
@@ -378,7 +287,7 @@ def _parameter_count(module: nn.Module) -> int:
 
 
 class StructuredPruning(Callback):
-    """Physically remove heads, MLP units, blocks (timm ViTs) or conv channels once, before fine-tuning.
+    """Physically remove attention heads, feed-forward units, blocks or conv channels once, before fine-tuning.
 
     Pruning happens in ``setup("fit")``, before Lightning builds the optimizer, so the fit that follows is
     the fine-tune of the smaller model (the usual prune-then-fine-tune recipe); nothing happens when the fit
@@ -387,7 +296,7 @@ class StructuredPruning(Callback):
     pruned model before loading its weights (:func:`zoo.callbacks.compression.load_compressed` from Python).
 
     Args:
-        head_fraction / mlp_fraction: fraction of each ViT block's heads / MLP hidden units to remove.
+        head_fraction / mlp_fraction: fraction of every attention's heads / feed-forward layer's hidden units.
         drop_layers: number of whole transformer blocks to remove (lowest Block Influence).
         channel_fraction: fraction of conv output channels to remove (``torch_pruning``; conv networks).
         importance: ``l1``, ``l2`` or ``taylor`` (gradients from ``calibration_batches`` training batches).
@@ -430,7 +339,7 @@ class StructuredPruning(Callback):
         install_restore_hook(pl_module)
         if stage != "fit" or trainer.ckpt_path is not None:
             return
-        if any(r["kind"] in ("vit_structured", "conv_channels") for r in records_of(pl_module)):
+        if any(r["kind"] in ("transformer_structured", "conv_channels") for r in records_of(pl_module)):
             return  # already pruned (a second fit on the same module)
         if self.start_from_teacher:
             self._copy_teacher(trainer, pl_module)
@@ -470,7 +379,7 @@ class StructuredPruning(Callback):
         pl_module.eval()
         try:
             if self.head_fraction or self.mlp_fraction or self.drop_layers:
-                prune_vit(
+                prune_transformer(
                     pl_module,
                     self.head_fraction,
                     self.mlp_fraction,

@@ -113,7 +113,7 @@ class SelfAttention(nn.Module):
         self, x: torch.Tensor, key_mask: torch.Tensor | None, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x`` (B, T, E); ``key_mask`` (B, 1, 1, T) bool, True where a key may be attended."""
-        b, t, e = x.shape
+        b, t, _ = x.shape
         # fair-esm scales q before rotary; keep that order for bit-level agreement.
         q = self._heads(self.q_proj(x) * self.scaling)
         k = self._heads(self.k_proj(x))
@@ -129,7 +129,7 @@ class SelfAttention(nn.Module):
             out = weights @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=1.0)
-        out = out.transpose(1, 2).reshape(b, t, e)
+        out = out.transpose(1, 2).reshape(b, t, -1)  # -1: heads may have been pruned
         return self.out_proj(out), weights
 
 
@@ -326,6 +326,27 @@ class ESM2(nn.Module):
             if return_contacts:
                 result["contacts"] = self.contact_head(tokens, attentions)
         return result
+
+    def after_head_pruning(self, kept: dict[str, list[int]]) -> None:
+        """Shrink the contact regression to the attention maps left after structured head pruning.
+
+        Called by ``zoo.callbacks.StructuredPruning`` with each layer's kept heads
+        (``{"layers.3.self_attn": [0, 2, ...]}``); the regression reads the maps layer-major.
+        """
+        heads = self.attention_heads
+        columns = [
+            index * heads + head
+            for index in range(self.num_layers)
+            for head in kept.get(f"layers.{index}.self_attn", range(heads))
+        ]
+        old = self.contact_head.regression
+        new = nn.Linear(len(columns), 1, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight[:, columns])
+            new.bias.copy_(old.bias)
+        new.requires_grad_(old.weight.requires_grad)
+        self.contact_head.regression = new
+        self.attention_heads = self.layers[0].self_attn.num_heads
 
     def predict_contacts(self, tokens: torch.Tensor) -> torch.Tensor:
         return self(tokens, return_contacts=True)["contacts"]

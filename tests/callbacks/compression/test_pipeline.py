@@ -39,7 +39,7 @@ def test_pipeline_fit_writes_a_compressed_checkpoint_that_zoo_validate_reloads(t
     saved = next(c for c in fit.trainer.callbacks if isinstance(c, Quantization)).saved_to
     assert saved is not None and saved.is_file()
     assert [r["kind"] for r in torch.load(saved, weights_only=True)["zoo_compression"]] == [
-        "vit_structured",
+        "transformer_structured",
         "int8_dynamic",
     ]
 

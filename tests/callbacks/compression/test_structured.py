@@ -6,8 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from zoo.callbacks.compression import StructuredPruning, prune_attention_heads, prune_conv_channels, prune_vit
-from zoo.callbacks.compression.structured import block_influence, vit_blocks
+from zoo.callbacks.compression import (
+    StructuredPruning,
+    prune_attention_heads,
+    prune_conv_channels,
+    prune_transformer,
+)
+from zoo.callbacks.compression.structured import block_influence
 from zoo.datamodules import ImageClassificationDataModule
 from zoo.vision import ImageClassifier
 
@@ -29,7 +34,7 @@ def _silence_head(attn: nn.Module, head: int) -> None:
 def test_removing_silent_heads_and_units_leaves_outputs_unchanged():
     """Zeroed heads / MLP units have the lowest norm, are the ones removed, and removing them changes nothing."""
     model, x = tiny_deit(), images()
-    for _, block in vit_blocks(model):
+    for block in model.model.blocks:
         _silence_head(block.attn, 1)
         with torch.no_grad():
             block.mlp.fc2.weight[:, ::2] = 0  # half of the hidden units feed nothing
@@ -37,10 +42,10 @@ def test_removing_silent_heads_and_units_leaves_outputs_unchanged():
             block.mlp.fc1.bias[::2] = 0
     expected = model(x)
     before = sum(p.numel() for p in model.parameters())
-    record = prune_vit(model, head_fraction=1 / 3, mlp_fraction=0.5, importance="l2")
-    for name, block in vit_blocks(model):
-        assert record["heads"][name] == [0, 2]
-        assert record["mlp"][name] == list(range(1, 768, 2))
+    record = prune_transformer(model, head_fraction=1 / 3, mlp_fraction=0.5, importance="l2")
+    for index, block in enumerate(model.model.blocks):
+        assert record["heads"][f"model.blocks.{index}.attn"] == [0, 2]
+        assert record["mlp"][f"model.blocks.{index}.mlp"] == list(range(1, 768, 2))
         assert block.attn.num_heads == 2 and block.attn.qkv.out_features == 3 * 128
         assert block.attn.proj.in_features == 128
         assert block.mlp.fc1.out_features == 384 and block.mlp.fc2.in_features == 384
@@ -51,7 +56,7 @@ def test_removing_silent_heads_and_units_leaves_outputs_unchanged():
 
 def test_pruned_model_saves_and_reloads_with_identical_outputs():
     model, x = tiny_deit(), images()
-    prune_vit(model, head_fraction=1 / 3, mlp_fraction=0.5)
+    prune_transformer(model, head_fraction=1 / 3, mlp_fraction=0.5)
     reloaded = round_trip(model, tiny_deit(seed=5))
     torch.testing.assert_close(reloaded(x), model(x), atol=0, rtol=0)
 
@@ -66,7 +71,7 @@ def test_layer_dropping_removes_the_least_influential_block():
     influence = block_influence(model, "model.blocks", [x])
     assert influence[1] < 1e-6 < influence[0]
     expected = model(x)
-    record = prune_vit(model, drop_layers=1, calibration_inputs=[x])
+    record = prune_transformer(model, drop_layers=1, calibration_inputs=[x])
     assert record["blocks"] == {"container": "model.blocks", "keep": [0, 2]}
     assert len(model.model.blocks) == 2
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
