@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 
+from tests.callbacks.callback_testing import tiny_trainer
 from zoo.datamodules import CaptionedImageDataModule, ImageClassificationDataModule
 from zoo.diffusion import Autoencoder, LatentDiffusion
 from zoo.diffusion.evaluation import conditional_accuracy
@@ -23,17 +24,7 @@ from zoo.vision import ImageClassifier
 
 
 def _trainer(root, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+    return tiny_trainer(root, deterministic=None, limit_val_batches=0, **kwargs)
 
 
 def _judge(root) -> ImageClassifier:
