@@ -32,10 +32,12 @@ __all__ = [
     "drop_blocks",
     "feed_forward_modules",
     "head_channels",
+    "notify_head_pruning",
     "prune_attention_heads",
     "prune_mlp_units",
     "select_columns",
     "select_rows",
+    "unit_slices",
 ]
 
 
