@@ -23,6 +23,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -371,6 +372,12 @@ class BEVDetectionDataModule(SplitDataModule):
         train_scenes / val_scenes / test_scenes, frames_per_scene, num_objects: synthetic data size.
         data_root, train_info, val_info, test_info: real data (info files relative to ``data_root``).
     """
+
+    #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
+    model_links: ClassVar[dict[str, str]] = {
+        "detection_classes": "class_names",
+        "point_cloud_range": "point_cloud_range",
+    }
 
     def __init__(
         self,

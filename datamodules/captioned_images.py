@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -202,6 +203,13 @@ class CaptionedImageDataModule(SplitDataModule):
             (autoencoder factor x denoiser's) so each latent divides evenly.
         max_aspect_ratio: the most elongated bucket, either way.
     """
+
+    #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
+    model_links: ClassVar[dict[str, str]] = {
+        "num_classes": "num_classes",
+        "image_size": "img_size",
+        "caption_vocabulary": "caption_vocabulary",
+    }
 
     def __init__(
         self,

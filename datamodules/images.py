@@ -10,6 +10,7 @@ path, an empty class folder, an unreadable image, a class count that disagrees w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -125,6 +126,9 @@ class ImageClassificationDataModule(SplitDataModule):
         verify_images: open every image of a folder once at set-up, so a bad file is named
             before training rather than crashing a worker hours in.
     """
+
+    #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
+    model_links: ClassVar[dict[str, str]] = {"num_classes": "num_classes", "image_size": "img_size"}
 
     def __init__(
         self,

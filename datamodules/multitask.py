@@ -31,7 +31,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -419,6 +419,9 @@ class MultitaskDataModule(SplitDataModule):
         min_operands / max_operands / max_products: size of the embedded expressions (operands,
             ``*`` operators); the defaults keep values within -81..162.
     """
+
+    #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
+    model_links: ClassVar[dict[str, str]] = {"tasks": "tasks", "vocab_size": "vocab_size"}
 
     def __init__(
         self,

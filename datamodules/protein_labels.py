@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -190,6 +190,9 @@ class ProteinLabelDataModule(ProteinLoaders):
         batch_size / max_tokens / max_length / val_fraction / test_fraction / seed: as
             ``ProteinDataModule``.
     """
+
+    #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
+    model_links: ClassVar[dict[str, str]] = {"num_classes": "num_classes"}
 
     def __init__(
         self,

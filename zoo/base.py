@@ -1,36 +1,55 @@
 """What every family's LightningModule shares, written once.
 
-Modelled on torchgeo's ``BaseTask``: a family subclass builds its networks in ``__init__``,
-declares its metrics in ``configure_metrics`` and its repeated blocks in ``sharding_units``;
-this class turns the optimizer and scheduler given in YAML into ``configure_optimizers``,
-keeps one metric collection per stage, and shards the model under FSDP2.
+Modelled on torchgeo's ``BaseTask``. ``ZooModule.__init__`` saves the subclass's arguments as
+hyper-parameters, then calls three hooks in order, so a family's ``__init__`` holds nothing but its
+signature and argument checks:
+
+- ``configure_models``: build ``self.model`` (the family's network, the same attribute everywhere) from
+  ``self.hparams``;
+- ``configure_losses``: loss modules and weights;
+- ``configure_metrics``: a ``MetricCollection`` (one group), or a ``{group: MetricCollection}`` dict for
+  per-task or per-kind metrics. Each group is cloned per stage and logged at the end of every epoch as
+  ``<stage>/<collection prefix><metric>``, dict-valued metrics (mAP/NDS, contact precisions) flattened.
+
+It also turns the optimizer and scheduler given in YAML into ``configure_optimizers``, checks a resumed
+checkpoint against the model, shards ``sharding_units`` under FSDP2, and fixes the predict contract:
+``predict_step`` returns one serialisable record per input (``zoo.predict``) and ``example_inputs()`` a small
+batch in the network's input format for tracing.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from zoo.optim import WarmupCosineLR, apply_lr_scales, weight_decay_groups
 
-__all__ = ["STAGES", "ZooModule"]
+__all__ = ["IGNORE_INDEX", "STAGES", "ZooModule"]
 
 STAGES = ("train", "val", "test")
+#: Label value the zoo's losses and metrics skip (PyTorch's ``cross_entropy`` default).
+IGNORE_INDEX = -100
+#: Default metric group: its stage collections are keyed ``<stage>_metrics``.
+DEFAULT_GROUP = ""
 
 
 class ZooModule(LightningModule):
-    """Base class: optimizer/scheduler from YAML, per-stage metrics, FSDP2 sharding.
+    """Base class: hyper-parameters and hooks, optimizer/scheduler from YAML, per-stage metrics, sharding.
 
     Args:
-        optimizer: a callable taking parameter groups (from YAML: ``class_path: torch.optim.AdamW``
-            with ``init_args``). Groups without ``weight_decay`` get the optimizer's own value.
+        optimizer: a callable taking parameter groups (from YAML: ``class_path: AdamW`` with ``init_args``).
+            Groups without ``weight_decay`` get the optimizer's own value.
         lr_scheduler: a callable taking the optimizer, stepped every optimizer step. A
             ``WarmupCosineLR`` left with ``total_steps: null`` is fitted to the whole run.
+
+    A subclass lists its own arguments, then ``optimizer`` and ``lr_scheduler``, and calls
+    ``super().__init__(optimizer, lr_scheduler)``; every other argument is saved as a hyper-parameter.
     """
 
     #: Repeated block types (e.g. a transformer layer class). FSDP2 shards each instance as a
@@ -40,6 +59,10 @@ class ZooModule(LightningModule):
     #: parameters whole on every rank, as nothing would gather them before those calls. A unit's own methods
     #: of that kind are listed in its ``fsdp_forward_methods`` instead, and are then gathered like ``forward``.
     replicated_modules: ClassVar[tuple[str, ...]] = ()
+    #: Constructor arguments that are not hyper-parameters (callables, live objects).
+    hparams_ignore: ClassVar[tuple[str, ...]] = ()
+    #: Validation metrics shown in the progress bar (all of them when empty).
+    progress_bar_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -47,38 +70,100 @@ class ZooModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
         super().__init__()
+        # Lightning collects the arguments of every ``__init__`` frame up the subclass chain.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *self.hparams_ignore])
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.metrics = nn.ModuleDict()
+        self.configure_models()
+        self.configure_losses()
+        self._setup_metrics(self.configure_metrics())
 
-    # ----------------------------------------------------------------- metrics
-    def configure_metrics(self) -> MetricCollection | None:
-        """Return the metric collection to track; cloned once per stage (``train/``, ``val/``...)."""
+    # ------------------------------------------------------------------ hooks
+    def configure_models(self) -> None:
+        """Build ``self.model`` (and any frozen parts) from ``self.hparams``."""
+
+    def configure_losses(self) -> None:
+        """Build loss modules (``self.criterion`` ...) from ``self.hparams``."""
+
+    def configure_metrics(self) -> MetricCollection | dict[str, MetricCollection] | None:
+        """The metrics to track: one collection, or one per group (task, output kind).
+
+        A group's collection keeps its own ``prefix`` after the stage: ``{"roles": MetricCollection(...,
+        prefix="roles/")}`` logs ``val/roles/token_acc``. Groups are cloned for every stage; a stage that
+        never updates a group logs nothing for it.
+        """
         return None
 
-    def setup_metrics(self) -> None:
-        """Call at the end of a subclass ``__init__``, once the metric arguments are known."""
-        template = self.configure_metrics()
-        if template is None:
+    def example_inputs(self, batch_size: int = 2) -> tuple[Any, ...]:
+        """A small batch in ``forward``'s input format (positional arguments), for tracing and export."""
+        raise NotImplementedError(f"{type(self).__name__} does not define example_inputs()")
+
+    # ---------------------------------------------------------------- metrics
+    def _setup_metrics(self, configured: MetricCollection | dict[str, MetricCollection] | None) -> None:
+        if configured is None:
             return
-        for stage in STAGES:  # keyed "<stage>_metrics": "train" would clash with nn.Module.train
-            self.metrics[f"{stage}_metrics"] = template.clone(prefix=f"{stage}/")
+        groups = configured if isinstance(configured, dict) else {DEFAULT_GROUP: configured}
+        for group, collection in groups.items():
+            if isinstance(collection, Metric):
+                collection = MetricCollection({type(collection).__name__: collection})
+            for stage in STAGES:  # "train" alone would clash with nn.Module.train
+                prefix = f"{stage}/{collection.prefix or ''}"
+                self.metrics[self._metrics_key(stage, group)] = collection.clone(prefix=prefix)
+
+    @staticmethod
+    def _metrics_key(stage: str, group: str = DEFAULT_GROUP) -> str:
+        return f"{stage}_{group}_metrics" if group else f"{stage}_metrics"
+
+    def stage_metrics(self, stage: str, group: str = DEFAULT_GROUP) -> MetricCollection | None:
+        """The stage's collection of ``group``, or ``None`` when the module tracks no such metrics."""
+        key = self._metrics_key(stage, group)
+        return self.metrics[key] if key in self.metrics else None  # noqa: SIM401 (ModuleDict has no get)
+
+    def update_metrics(self, stage: str, *args: Any, group: str = DEFAULT_GROUP, **kwargs: Any) -> None:
+        """Update the stage's metrics of ``group``; they are computed and logged when the epoch ends."""
+        collection = self.stage_metrics(stage, group)
+        if collection is not None:
+            collection.update(*args, **kwargs)
+
+    def summarize_metrics(self, stage: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Derived epoch values (an average over tasks...) added to the computed metrics before logging."""
+        return values
+
+    def _log_stage_metrics(self, stage: str) -> None:
+        values: dict[str, torch.Tensor] = {}
+        for key, collection in self.metrics.items():
+            if not key.startswith(f"{stage}_"):
+                continue
+            if any(getattr(m, "update_count", 0) for m in collection.values()):
+                values.update(collection.compute())  # synchronised across ranks by torchmetrics
+            collection.reset()
+        if not values:
+            return
+        values = self.summarize_metrics(stage, values)
+        shown = self.progress_bar_metrics
+        on_bar = {k: v for k, v in values.items() if stage == "val" and (not shown or k in shown)}
+        if on_bar:
+            self.log_dict(on_bar, prog_bar=True, sync_dist=False)
+        rest = {k: v for k, v in values.items() if k not in on_bar}
+        if rest:
+            self.log_dict(rest, sync_dist=False)
 
     def on_fit_start(self) -> None:
         """Fresh metric states: ones made under ``inference_mode`` (an earlier ``validate``) can't be updated in fit."""
         for collection in self.metrics.values():
             collection.reset()
 
-    def update_metrics(self, stage: str, preds: torch.Tensor, target: torch.Tensor) -> None:
-        """Update the stage's metrics and log them (epoch-level, synchronised across ranks)."""
-        key = f"{stage}_metrics"
-        if key not in self.metrics:
-            return
-        collection = self.metrics[key]
-        collection.update(preds, target)
-        self.log_dict(collection, on_step=False, on_epoch=True, sync_dist=True, prog_bar=stage == "val")
+    def on_train_epoch_end(self) -> None:
+        self._log_stage_metrics("train")
 
-    # --------------------------------------------------------------- optimizer
+    def on_validation_epoch_end(self) -> None:
+        self._log_stage_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stage_metrics("test")
+
+    # -------------------------------------------------------------- optimizer
     def parameter_groups(self) -> list[dict]:
         """Parameter groups handed to the optimizer; override for layer-wise LR decay etc."""
         return weight_decay_groups(self)
@@ -93,14 +178,19 @@ class ZooModule(LightningModule):
             scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ------------------------------------------------------------- checkpoints
+    # ------------------------------------------------------------ checkpoints
+    #: ``(old prefix, new prefix)`` renames of state-dict keys written by earlier versions of the module.
+    state_dict_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A trainer resuming from (or evaluating) a checkpoint of another model fails here, naming every
-        differing, missing and unexpected entry at once rather than PyTorch's first ``size mismatch``.
+        """Upgrade keys an earlier version wrote, then fail naming every differing, missing and unexpected
+        entry at once (rather than PyTorch's first ``size mismatch``) when a trainer resumes or evaluates.
 
         Subclasses that edit ``checkpoint["state_dict"]`` (e.g. put back omitted frozen weights) call this last.
         ``Module.load_from_checkpoint`` without a trainer is left to ``load_state_dict`` and its ``strict`` flag.
         """
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = rename_keys(checkpoint["state_dict"], self.state_dict_renames)
         if self._trainer is None or not self.strict_loading or "state_dict" not in checkpoint:
             return
         from zoo.checkpointing import check_checkpoint_matches
@@ -108,7 +198,7 @@ class ZooModule(LightningModule):
         source = str(getattr(self.trainer, "ckpt_path", None) or "the checkpoint")
         check_checkpoint_matches(self.state_dict(), checkpoint["state_dict"], source)
 
-    # ---------------------------------------------------------------- sharding
+    # --------------------------------------------------------------- sharding
     def configure_model(self) -> None:
         """Shard every ``sharding_units`` block, then the root, with FSDP2 under ``ModelParallelStrategy``."""
         mesh = self.device_mesh
@@ -136,3 +226,18 @@ class ZooModule(LightningModule):
         # step may use them before any forward (a conditioning embedding, a task head's projection).
         for method in ("training_step", "validation_step", "test_step", "predict_step"):
             register_fsdp_forward_method(self, method)
+
+
+def rename_keys(state: dict[str, Any], renames: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """``state`` with every key starting with an old prefix moved to the new one (order kept)."""
+    renames = tuple(renames)
+    if not renames:
+        return state
+    out = {}
+    for key, value in state.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out

@@ -3,12 +3,27 @@
 ``zoo fit --config configs/vision/deit_tiny.yaml`` trains; further ``--config`` files compose
 (``--config configs/strategy/ddp.yaml``) and ``--trainer.max_epochs=3`` style flags override.
 Model and data are in subclass mode, so a YAML file names any LightningModule /
-LightningDataModule by class path, or by short name for the zoo's own classes. Values the data
-determines are linked into the model, so a user never writes them twice.
+LightningDataModule by class path, or by short name for the zoo's own classes.
+
+Two things the zoo adds to Lightning's CLI:
+
+- Overlays: a config may start with ``extends: base.yaml`` (a path relative to that file, or a list of
+  them); the base is read first and the overlay's keys win, as if both were given with ``--config``.
+- Data-to-model links owned by the data: a data module's ``model_links`` (``{attribute: model
+  argument}``) feed values the data determines into the model, for each argument the chosen model's
+  ``__init__`` takes; a model without that argument never sees it.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -21,24 +36,64 @@ import zoo.multitask
 import zoo.protein
 import zoo.vision  # noqa: F401
 
-__all__ = ["DATA_TO_MODEL_LINKS", "ZooCLI", "main"]
+__all__ = ["ZooCLI", "expand_overlays", "linked_model_arguments", "main"]
 
-#: ``(data module attribute, model argument)`` pairs. A link whose source the data module lacks is skipped;
-#: one whose target the model lacks still reaches it as an extra keyword (jsonargparse's ``dict_kwargs``),
-#: so a family's source attribute needs a name no other family's data module has (``detection_classes``).
-DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
-    ("num_classes", "num_classes"),
-    ("image_size", "img_size"),
-    ("tasks", "tasks"),
-    ("vocab_size", "vocab_size"),
-    ("caption_vocabulary", "caption_vocabulary"),
-    ("detection_classes", "class_names"),
-    ("point_cloud_range", "point_cloud_range"),
-)
+OVERLAY_KEY = "extends"
+
+
+def expand_overlays(args: Sequence[str]) -> list[str]:
+    """``--config overlay.yaml`` -> ``--config base.yaml --config overlay.yaml`` for each ``extends`` (recursively)."""
+    expanded: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config" and i + 1 < len(args):
+            expanded += [item for path in _with_bases(args[i + 1]) for item in ("--config", path)]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            expanded += [item for path in _with_bases(arg.split("=", 1)[1]) for item in ("--config", path)]
+        else:
+            expanded.append(arg)
+        i += 1
+    return expanded
+
+
+def _with_bases(config: str, seen: tuple[Path, ...] = ()) -> list[str]:
+    path = Path(config)
+    if not path.is_file() or path.suffix not in (".yaml", ".yml"):
+        return [config]  # a YAML string or something jsonargparse will report
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ValueError(f"config overlays form a cycle: {chain}")
+    content = yaml.safe_load(path.read_text()) or {}
+    bases = content.get(OVERLAY_KEY) if isinstance(content, dict) else None
+    if bases is None:
+        return [config]
+    chain: list[str] = []
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise FileNotFoundError(f"{config}: '{OVERLAY_KEY}: {base}' names no file ({base_path})")
+        chain += _with_bases(str(base_path), (*seen, resolved))
+    return [*chain, config]
+
+
+def linked_model_arguments(datamodule: LightningDataModule, model_class: type) -> dict[str, object]:
+    """The values ``datamodule.model_links`` feeds into ``model_class``, only for arguments it takes."""
+    links = getattr(datamodule, "model_links", None) or {}
+    accepted = inspect.signature(model_class.__init__).parameters
+    return {target: getattr(datamodule, source) for source, target in links.items() if target in accepted}
+
+
+def _import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 class ZooCLI(LightningCLI):
-    """``LightningCLI`` with subclass mode, the data-to-model links and a report of where outputs went."""
+    """``LightningCLI`` with subclass mode, overlays, data-owned links and a report of where outputs went."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -49,11 +104,46 @@ class ZooCLI(LightningCLI):
             "trainer_defaults",
             {"default_root_dir": "runs", "plugins": [{"class_path": "zoo.checkpointing.AtomicCheckpointIO"}]},
         )
-        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+        command_line = kwargs.pop("args", None)
+        if command_line is None and not args:
+            command_line = sys.argv[1:]
+        if isinstance(command_line, Sequence) and not isinstance(command_line, str):
+            command_line = expand_overlays(command_line)
+        super().__init__(LightningModule, LightningDataModule, *args, args=command_line, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        for source, target in DATA_TO_MODEL_LINKS:
-            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+        parser.add_argument(
+            f"--{OVERLAY_KEY}",
+            type=str | list[str] | None,
+            default=None,
+            help="Base config(s) of an overlay, relative to it; read first (resolved before parsing).",
+        )
+
+    def instantiate_classes(self) -> None:
+        """Build the data module first, feed its ``model_links`` into the model's arguments, then the rest."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config[OVERLAY_KEY] = None  # already applied: the saved config.yaml is complete without its bases
+        datamodule = self._instantiate_data(config)
+        if datamodule is not None and config.get("model") is not None:
+            model_class = _import_class(config.model.class_path)
+            for name, value in linked_model_arguments(datamodule, model_class).items():
+                config.model.init_args[name] = value
+        instantiators = (
+            [] if datamodule is None else [(lambda *_, **__: datamodule, LightningDataModule, True)]
+        )
+        self.config_init = self.parser.instantiate(self.config, instantiators=instantiators)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        self._add_configure_optimizers_method_to_model(self.subcommand)
+        self.trainer = self.instantiate_trainer()
+
+    @staticmethod
+    def _instantiate_data(config: Namespace) -> LightningDataModule | None:
+        if config.get("data") is None:
+            return None
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_subclass_arguments(LightningDataModule, "data")
+        return parser.instantiate(parser.parse_object({"data": config.data.as_dict()})).data
 
     def after_fit(self) -> None:
         self._report_outputs()
