@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/vision/deit_tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The whole suite but GPU tests (what CI runs); the slowest 15 tests are listed at the end.
 test: lint
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" --durations=15 $(PYTEST_ARGS)
+
+# The inner loop: no quality runs, no process spawning (at most 5 minutes on 2 cores).
+test-fast: install
+	$(BIN)/python -m pytest -m "not gpu and not slow and not distributed" --durations=15 $(PYTEST_ARGS)
 
 # One script per question; each prints a table and writes benchmarks/results/<name>.json.
 bench: install

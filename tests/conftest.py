@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny models and data so the fast suite stays fast on a 2-core CPU."""
+"""Shared fixtures: tiny trainers, data and models, one thread, a private working folder.
+
+Every test starts and ends with the same global torch thread count, whatever it sets inside.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -18,6 +22,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def tiny_trainer(root: Path, **kwargs) -> L.Trainer:
+    """A quiet CPU trainer writing under ``root``: no logger, checkpoints, progress bar or sanity check."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+@pytest.fixture
+def make_trainer(tmp_path):
+    """``make_trainer(max_steps=3, ...)``: a ``tiny_trainer`` in the test's temporary folder."""
+    return lambda **kwargs: tiny_trainer(tmp_path, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_count():
+    """No test leaves the process's torch thread count changed for the next one."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread: tiny models only pay for OpenMP synchronisation, and a shared CPU makes spinning
+    threads 10-100x slower. Restored afterwards by ``_restore_thread_count``."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def run_in_tmp_path(tmp_path, monkeypatch):
+    """Trainers without a logger write into the working directory (LoRA adapters...): keep it the test's."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 @pytest.fixture

@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from zoo.cli import ZooCLI
+from zoo.cli import ZooCLI, expand_overlays, linked_model_arguments
+from zoo.datamodules import ImageClassificationDataModule
+from zoo.predict import load_records
 
 from .conftest import CONFIGS, REPO_ROOT
 
@@ -20,6 +23,11 @@ MODEL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not i
 # tests/distributed/test_strategy_configs.py and run for real by its `gpu` tests.
 CPU_STRATEGY_CONFIGS = [CONFIGS / "strategy" / f"{name}.yaml" for name in ("ddp", "fsdp2")]
 DEFAULT_CONFIG = CONFIGS / "vision" / "deit_tiny.yaml"
+SMALL_DATA = [
+    "--data.init_args.train_size=64",
+    "--data.init_args.val_size=32",
+    "--data.init_args.test_size=32",
+]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -28,16 +36,70 @@ def run_cli(*args: str, root: Path) -> ZooCLI:
 
 
 @pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_config_runs(config, tmp_path):
+def test_every_config_runs_and_its_checkpoint_reloads(config, tmp_path):
     cli = run_cli("fit", "--config", str(config), "--trainer.fast_dev_run=true", root=tmp_path)
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
+    checkpoint = tmp_path / "reload.ckpt"
+    cli.trainer.save_checkpoint(checkpoint)
+    reloaded = type(cli.model).load_from_checkpoint(checkpoint, map_location="cpu")
+    expected = cli.model.state_dict()
+    assert reloaded.state_dict().keys() == expected.keys()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key
 
 
 def test_data_determined_values_are_linked_into_the_model(tmp_path):
-    cli = ZooCLI(args=["--config", str(DEFAULT_CONFIG), "--data.init_args.image_size=16"], run=False)
-    assert cli.model.num_classes == cli.datamodule.num_classes == 12
+    cli = ZooCLI(args=["--config", str(DEFAULT_CONFIG), "--data.init_args.img_size=16"], run=False)
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 12
     assert cli.model.hparams.img_size == 16
+
+
+class DataWithForeignLinks(ImageClassificationDataModule):
+    """Image data that also offers a value no image classifier takes (as a text family's data would)."""
+
+    model_links = {**ImageClassificationDataModule.model_links, "vocab_size": "vocab_size"}
+    vocab_size = 33
+
+
+def test_a_link_reaches_only_models_that_take_the_argument(tmp_path):
+    from zoo.vision import ImageClassifier
+
+    data = DataWithForeignLinks(train_size=16, val_size=16, test_size=16)
+    assert linked_model_arguments(data, ImageClassifier) == {"num_classes": 12, "img_size": 32}
+    cli = ZooCLI(
+        args=["--config", str(DEFAULT_CONFIG), f"--data={__name__}.DataWithForeignLinks", *SMALL_DATA],
+        run=False,
+    )
+    assert "vocab_size" not in cli.model.hparams
+    cli.trainer.strategy.connect(cli.model)
+    cli.trainer.save_checkpoint(tmp_path / "model.ckpt")
+    reloaded = type(cli.model).load_from_checkpoint(tmp_path / "model.ckpt")
+    assert "vocab_size" not in reloaded.hparams and reloaded.hparams.num_classes == 12
+
+
+def test_an_overlay_reads_its_base_first_and_wins(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(f"extends: {DEFAULT_CONFIG}\ntrainer: {{max_epochs: 2}}\n")
+    overlay = tmp_path / "variant.yaml"
+    overlay.write_text("extends: base.yaml\ntrainer: {max_epochs: 3}\nmodel: {init_args: {patch_size: 4}}\n")
+    assert expand_overlays(["fit", "--config", str(overlay)]) == [
+        "fit", "--config", str(DEFAULT_CONFIG), "--config", str(base), "--config", str(overlay)
+    ]  # fmt: skip
+    cli = ZooCLI(args=["--config", str(overlay)], run=False)
+    assert cli.trainer.max_epochs == 3
+    assert cli.model.hparams.patch_size == 4 and cli.model.hparams.stem == "conv"  # from deit_tiny.yaml
+    assert cli.config.get("extends") is None  # the saved config.yaml is complete on its own
+
+
+def test_overlays_that_loop_or_name_no_file_are_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        expand_overlays(["--config", str(tmp_path / "a.yaml")])
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
+        expand_overlays(["--config", str(tmp_path / "c.yaml")])
 
 
 def test_print_config_is_complete_and_reruns(tmp_path, capsys):
@@ -54,11 +116,7 @@ def test_print_config_is_complete_and_reruns(tmp_path, capsys):
 
 
 def test_fit_then_validate_test_predict_from_the_checkpoint(tmp_path, capsys):
-    small = [
-        "--data.init_args.train_size=64",
-        "--data.init_args.val_size=32",
-        "--data.init_args.test_size=32",
-    ]
+    small = SMALL_DATA
     run_cli(
         "fit",
         "--config",
@@ -77,10 +135,16 @@ def test_fit_then_validate_test_predict_from_the_checkpoint(tmp_path, capsys):
         )
         metrics = cli.trainer.callback_metrics
         assert f"{'val' if command == 'validate' else 'test'}/acc" in metrics
+    capsys.readouterr()
     cli = run_cli(
         "predict", "--config", str(DEFAULT_CONFIG), *small, f"--ckpt_path={checkpoint}", root=tmp_path
     )
     assert cli.trainer.state.finished
+    report = capsys.readouterr().out
+    assert "zoo: predictions written to" in report
+    folder = Path(report.split("zoo: predictions written to ")[1].split(" (")[0])
+    records = load_records(folder)
+    assert len(records) == 32 and all("id" in r for r in records)
 
 
 def test_python_dash_m_zoo_is_the_same_command():

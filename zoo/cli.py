@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 # Imported for their side effect: registering the zoo's classes so YAML can use short names.
@@ -35,6 +36,7 @@ import zoo.diffusion
 import zoo.multitask
 import zoo.protein
 import zoo.vision  # noqa: F401
+from zoo.predict import RecordPredictionWriter
 
 __all__ = ["ZooCLI", "expand_overlays", "linked_model_arguments", "main"]
 
@@ -144,6 +146,14 @@ class ZooCLI(LightningCLI):
         parser = ArgumentParser(exit_on_error=False)
         parser.add_subclass_arguments(LightningDataModule, "data")
         return parser.instantiate(parser.parse_object({"data": config.data.as_dict()})).data
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """``zoo predict`` writes every family's records (``zoo.predict``) unless a config names a writer."""
+        if self.subcommand == "predict":
+            configured = [*callbacks, *(config.get("callbacks") or [])]
+            if not any(isinstance(c, BasePredictionWriter) for c in configured):
+                callbacks = [*callbacks, RecordPredictionWriter()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
         self._report_outputs()

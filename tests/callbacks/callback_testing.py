@@ -1,4 +1,5 @@
-"""Tiny, deterministic modules and trainers for the callback tests (CPU, a few steps each).
+"""Tiny, deterministic modules and data for the callback tests (CPU, a few steps each); trainers come from
+the root ``conftest``'s ``make_trainer``.
 
 A plain module (not ``conftest``) so tests can import it; its name is unique across ``tests/``.
 """
@@ -55,19 +56,3 @@ def tiny_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     x = torch.randn(n, 8, generator=generator)
     y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
