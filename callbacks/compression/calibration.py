@@ -13,7 +13,6 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
@@ -74,9 +73,3 @@ def supervised_loss(pl_module: LightningModule, batch: Any) -> Tensor:
     if isinstance(logits, (tuple, list)):
         return sum(F.cross_entropy(part, labels) for part in logits) / len(logits)
     return F.cross_entropy(logits, labels)
-
-
-def run_forward(pl_module: LightningModule, batches: list[Any], input_key: str) -> None:
-    with torch.no_grad():
-        for batch in batches:
-            pl_module(batch_inputs(batch, input_key))
