@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import zoo
+from zoo.registry import measure_parameters
 
 from .conftest import CONFIGS, REPO_ROOT
 
@@ -13,16 +14,17 @@ TABLE_ROW = re.compile(
 )
 
 
-def test_every_registered_model_builds_from_its_config_with_a_parameter_count():
+def test_every_registered_model_builds_from_its_config_with_the_stored_parameter_count():
     models = zoo.list_models()
     assert len({m.name for m in models}) == len(models)
     for model in models:
         assert model.config_path.is_file()
+        assert measure_parameters(model.config) == model.parameters, model.name
         assert model.parameters and model.parameters > 10_000, model
 
 
 def test_every_model_config_is_registered():
-    registered = {m.config for m in zoo.list_models(with_parameters=False)}
+    registered = {m.config for m in zoo.list_models()}
     configs = {
         str(p.relative_to(CONFIGS))
         for p in CONFIGS.rglob("*.yaml")

@@ -1,5 +1,5 @@
 """``python -m zoo ...`` is the same as the ``zoo`` command."""
 
-from zoo.cli import main
+from zoo.commands import main
 
 main()

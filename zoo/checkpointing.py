@@ -16,7 +16,7 @@ What Lightning leaves open, and what is built here:
   numbers in ``training_step`` (ESM-2's masking, mixup, dropout) continues differently after a resume. This
   callback saves the torch / numpy / python generator states and puts them back right before the first
   resumed batch (not at load time: building the dataloader iterator draws from torch's generator in between).
-- ``consolidate_checkpoint`` (``python -m zoo.checkpointing consolidate DIR OUT``): the sharded directory
+- ``consolidate_checkpoint`` (``zoo consolidate DIR OUT``): the sharded directory
   that FSDP2 / FSDP write (``torch.distributed.checkpoint`` format) becomes one ordinary ``.ckpt`` file that
   a single process loads (``Model.load_from_checkpoint``, ``zoo validate --ckpt_path``). Lightning's reader
   does the merging; this names the keys the way the Trainer loads them and writes atomically.
@@ -39,6 +39,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, RandomSampler
 
+from zoo.errors import ZooError
+
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ZooError):
     """A checkpoint that cannot be used: unreadable, truncated, or made for another model."""
 
 
@@ -315,22 +317,3 @@ class ResumeState(Callback):
         random.setstate(state["python"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m zoo.checkpointing", description="Checkpoint utilities.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    merge = commands.add_parser("consolidate", help="merge a sharded FSDP/FSDP2 checkpoint into one file")
-    merge.add_argument("folder", type=Path)
-    merge.add_argument("output", type=Path)
-    args = parser.parse_args(argv)
-    checkpoint = consolidate_checkpoint(args.folder, args.output)
-    print(
-        f"wrote {args.output}: {len(checkpoint['state_dict'])} tensors, global_step {checkpoint.get('global_step')}"
-    )
-
-
-if __name__ == "__main__":
-    _main()

@@ -28,19 +28,28 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
-# Imported for their side effect: registering the zoo's classes so YAML can use short names.
-import zoo.bev
-import zoo.callbacks
-import zoo.datamodules
-import zoo.diffusion
-import zoo.multitask
-import zoo.protein
-import zoo.vision  # noqa: F401
 from zoo.predict import RecordPredictionWriter
+from zoo.registry import import_named_classes, resolve_config
 
-__all__ = ["ZooCLI", "expand_overlays", "linked_model_arguments", "main"]
+__all__ = ["ZooCLI", "expand_overlays", "linked_model_arguments", "prepare_arguments", "run"]
 
 OVERLAY_KEY = "extends"
+
+
+def prepare_arguments(args: Sequence[str]) -> list[str]:
+    """Command-line arguments as LightningCLI reads them: configs named by model (``--config deit_tiny``) or
+    by path inside the shipped ``configs/`` resolved, overlays expanded, and the zoo families they name
+    imported (families load on demand, so ``zoo`` starts in the time Lightning takes)."""
+    resolved = list(args)
+    for i, arg in enumerate(resolved):
+        if i and resolved[i - 1] == "--config":
+            resolved[i] = resolve_config(arg)
+        elif arg.startswith("--config="):
+            resolved[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    expanded = expand_overlays(resolved)
+    configs = [expanded[i + 1] for i, arg in enumerate(expanded[:-1]) if arg == "--config"]
+    import_named_classes(expanded, configs)
+    return expanded
 
 
 def expand_overlays(args: Sequence[str]) -> list[str]:
@@ -110,7 +119,7 @@ class ZooCLI(LightningCLI):
         if command_line is None and not args:
             command_line = sys.argv[1:]
         if isinstance(command_line, Sequence) and not isinstance(command_line, str):
-            command_line = expand_overlays(command_line)
+            command_line = prepare_arguments(command_line)
         super().__init__(LightningModule, LightningDataModule, *args, args=command_line, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -177,10 +186,6 @@ class ZooCLI(LightningCLI):
             print("\n".join(["", "zoo: outputs written", *("  " + line for line in lines)]), flush=True)
 
 
-def main(args: list[str] | None = None) -> None:
-    """Console entry point (``zoo`` and ``python -m zoo``)."""
+def run(args: list[str]) -> None:
+    """``zoo fit|validate|test|predict ...`` (the ``zoo`` command, ``zoo.commands``, dispatches here)."""
     ZooCLI(args=args)
-
-
-if __name__ == "__main__":
-    main()

@@ -22,7 +22,7 @@ def test_fsdp2_checkpoint_consolidates_to_single_process_model(tmp_path):
 
     output = tmp_path / "consolidated.ckpt"
     done = subprocess.run(
-        [sys.executable, "-m", "zoo.checkpointing", "consolidate", str(sharded), str(output)],
+        [sys.executable, "-m", "zoo", "consolidate", str(sharded), str(output)],
         capture_output=True,
         text=True,
     )

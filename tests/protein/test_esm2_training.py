@@ -70,7 +70,7 @@ def test_pretrained_checkpoint_is_loaded(tmp_path):
 
 
 def test_config_runs_through_zoo_cli(tmp_path):
-    from zoo.cli import main
+    from zoo.commands import main
 
     main(
         [

@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import CONFIGS
 from zoo.protein import ESM2, ESM2_CONFIGS
-from zoo.registry import count_parameters
+from zoo.registry import measure_parameters
 
 # name: (layers, width, heads, exact parameters of fair-esm's model)
 PUBLISHED = {
@@ -34,7 +34,7 @@ def test_size_config_builds_the_published_architecture(size):
     relative = f"protein/sizes/esm2_{size}_UR50D.yaml"
     config = yaml.safe_load((CONFIGS / relative).read_text())
     assert config["model"]["init_args"]["size"] == size
-    assert count_parameters(relative) == parameters
+    assert measure_parameters(relative) == parameters
 
 
 def test_from_config_on_meta_device():

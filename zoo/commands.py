@@ -1,0 +1,112 @@
+"""The ``zoo`` command: Lightning's ``fit/validate/test/predict`` plus the zoo's tools, one front door.
+
+This module stays light (no torch, no Lightning at import): ``zoo --help`` and ``zoo list`` answer at once,
+and ``zoo fit`` imports Lightning and the one family its config names (``zoo.cli``). Errors caused by the
+user's input (``zoo.errors.ZooError``) print as one paragraph and exit with status 2; ``ZOO_DEBUG=1`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["TOOLS", "main"]
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a model from a config (then validates, keeps the best and last checkpoints)",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the test split",
+    "predict": "write one record per input (predictions.jsonl, tensors, PNGs) under the run folder",
+}
+
+
+def _consolidate(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="zoo consolidate", description="Merge a sharded FSDP/FSDP2 checkpoint into one file."
+    )
+    parser.add_argument(
+        "folder", help="the sharded checkpoint directory (e.g. runs/.../epoch=0-step=100.ckpt)"
+    )
+    parser.add_argument("output", help="the single-file checkpoint to write")
+    args = parser.parse_args(argv)
+    from zoo.checkpointing import consolidate_checkpoint
+
+    checkpoint = consolidate_checkpoint(args.folder, args.output)
+    tensors, step = len(checkpoint["state_dict"]), checkpoint.get("global_step")
+    print(f"zoo: wrote {args.output} ({tensors} tensors, global step {step})")
+
+
+def _export_ema(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="zoo export-ema",
+        description="Write a checkpoint whose model weights are the EMA weights of a run (zoo.callbacks.EMA), "
+        "loadable by the model class and by `zoo validate/test/predict`.",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint written with the EMA callback")
+    parser.add_argument("output", help="the checkpoint to write")
+    args = parser.parse_args(argv)
+    from zoo.callbacks import EMA
+
+    path = EMA.export(args.checkpoint, args.output)
+    print(f"zoo: wrote {path} (EMA weights as the model's state_dict)")
+
+
+#: name -> (help, runner: a ``main(argv)`` given as ``"module:function"`` or a local function)
+TOOLS: dict[str, tuple[str, str | Callable[[Sequence[str]], None]]] = {
+    "list": ("print the model table (name, task, parameters, config)", "zoo.registry:main"),
+    "consolidate": ("merge a sharded FSDP/FSDP2 checkpoint into one file", _consolidate),
+    "export-ema": ("write a checkpoint holding a run's EMA weights", _export_ema),
+    "evaluate-diffusion": (
+        "conditional accuracy of a latent diffusion model, judged by a trained classifier",
+        "zoo.diffusion.evaluation:main",
+    ),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: zoo <command> [options]   (zoo <command> --help for its options)", ""]
+    lines.append(
+        "train and evaluate (Lightning's CLI; --config takes a file, a model name or family/variant):"
+    )
+    lines += [f"  {name:<20} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<20} {text}" for name, (text, _) in TOOLS.items()]
+    lines += ["", "examples:", "  zoo fit --config deit_tiny", "  zoo list"]
+    return "\n".join(lines)
+
+
+def _runner(target: str | Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], None]:
+    if callable(target):
+        return target
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (``zoo`` and ``python -m zoo``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    try:
+        if argv[0] in TOOLS:
+            _runner(TOOLS[argv[0]][1])(argv[1:])
+        else:
+            from zoo.cli import run
+
+            run(argv)
+    except Exception as error:
+        from zoo.errors import ZooError
+
+        if not isinstance(error, ZooError) or os.environ.get("ZOO_DEBUG") == "1":
+            raise
+        print(f"zoo: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
