@@ -17,18 +17,22 @@ Two things the zoo adds to Lightning's CLI:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from zoo.predict import RecordPredictionWriter
+from zoo.progress import ZooProgressBar, fit_summary
 from zoo.registry import import_named_classes, resolve_config
 
 __all__ = ["ZooCLI", "expand_overlays", "linked_model_arguments", "prepare_arguments", "run"]
@@ -113,8 +117,12 @@ class ZooCLI(LightningCLI):
         # Checkpoints are written atomically (zoo.checkpointing.AtomicCheckpointIO) unless a config names plugins.
         kwargs.setdefault(
             "trainer_defaults",
-            {"default_root_dir": "runs", "plugins": [{"class_path": "zoo.checkpointing.AtomicCheckpointIO"}]},
+            {
+                "default_root_dir": "runs",
+                "plugins": [{"class_path": "zoo.checkpointing.AtomicCheckpointIO"}],
+            },
         )
+        self._started = time.perf_counter()
         command_line = kwargs.pop("args", None)
         if command_line is None and not args:
             command_line = sys.argv[1:]
@@ -128,6 +136,13 @@ class ZooCLI(LightningCLI):
             type=str | list[str] | None,
             default=None,
             help="Base config(s) of an overlay, relative to it; read first (resolved before parsing).",
+        )
+
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's, without its warning about ``args`` next to ``sys.argv``: the zoo always passes the
+        prepared command line as ``args``."""
+        self.config = (
+            parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         )
 
     def instantiate_classes(self) -> None:
@@ -157,33 +172,51 @@ class ZooCLI(LightningCLI):
         return parser.instantiate(parser.parse_object({"data": config.data.as_dict()})).data
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        """``zoo predict`` writes every family's records (``zoo.predict``) unless a config names a writer."""
-        if self.subcommand == "predict":
-            configured = [*callbacks, *(config.get("callbacks") or [])]
-            if not any(isinstance(c, BasePredictionWriter) for c in configured):
-                callbacks = [*callbacks, RecordPredictionWriter()]
+        """The zoo's progress bar and default logger; validate/test/predict log inside the checkpoint's run
+        (``<run>/validate/version_N``); ``zoo predict`` writes every family's records unless a config names a
+        writer."""
+        if config.get("logger") in (None, True):  # Lightning's default, chosen here without its warning
+            config["logger"] = _default_logger(config.get("default_root_dir") or "runs")
+        configured = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in configured
+        ):
+            callbacks = [*callbacks, ZooProgressBar()]
+        if self.subcommand in ("validate", "test", "predict"):
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            run = _run_folder(ckpt_path)
+            if run is not None and config.get("logger"):
+                config["logger"] = _default_logger(run, name=self.subcommand)
+            for callback in configured:  # they save nothing here: point them where the fit saved, as it did
+                if isinstance(callback, ModelCheckpoint) and callback.dirpath is None and ckpt_path:
+                    callback.dirpath = str(Path(ckpt_path).parent)
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in configured):
+            callbacks = [*callbacks, RecordPredictionWriter()]
         return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
-        self._report_outputs()
+        summary = fit_summary(
+            self.trainer, time.perf_counter() - self._started
+        )  # every rank: log_dir is a collective
+        if self.trainer.is_global_zero:
+            print("\n" + summary, flush=True)
 
-    def _report_outputs(self) -> None:
-        trainer = self.trainer
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if not trainer.is_global_zero:
-            return
-        lines = []
-        if log_dir:
-            lines.append(f"logs and config: {log_dir}")
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None:
-            best = getattr(checkpoint, "best_model_path", "") or getattr(checkpoint, "last_model_path", "")
-            if best:
-                lines.append(f"best checkpoint: {best}")
-            if getattr(checkpoint, "dirpath", None):
-                lines.append(f"checkpoints:     {checkpoint.dirpath}")
-        if lines:
-            print("\n".join(["", "zoo: outputs written", *("  " + line for line in lines)]), flush=True)
+
+def _default_logger(save_dir: str | Path, name: str = "lightning_logs") -> Logger:
+    """TensorBoard when it is installed, else CSV files: Lightning's choice, made without its warning."""
+    if importlib.util.find_spec("tensorboard"):
+        return TensorBoardLogger(save_dir=save_dir, name=name)
+    return CSVLogger(save_dir=save_dir, name=name)
+
+
+def _run_folder(ckpt_path: str | None) -> Path | None:
+    """``runs/lightning_logs/version_3`` for ``runs/lightning_logs/version_3/checkpoints/last.ckpt``."""
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path)
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent
+    return None
 
 
 def run(args: list[str]) -> None:

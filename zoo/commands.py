@@ -96,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if argv[0] in TOOLS:
             _runner(TOOLS[argv[0]][1])(argv[1:])
         else:
+            from zoo.quiet import silence_third_party_noise
+
+            silence_third_party_noise()
             from zoo.cli import run
 
             run(argv)
