@@ -145,6 +145,10 @@ def test_fit_then_validate_test_predict_from_the_checkpoint(tmp_path, capsys):
     folder = Path(report.split("zoo: predictions written to ")[1].split(" (")[0])
     records = load_records(folder)
     assert len(records) == 32 and all("id" in r for r in records)
+    run = checkpoint.parent.parent  # validate/test/predict logged inside the run they evaluated
+    assert folder.is_relative_to(run / "predict")
+    assert {p.name for p in run.iterdir() if p.is_dir()} == {"checkpoints", "validate", "test", "predict"}
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == [run.name]
 
 
 def test_python_dash_m_zoo_is_the_same_command():
