@@ -5,21 +5,28 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/vision/deit_tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-fast lint bench clean
+.PHONY: install install-dev train test test-fast lint bench clean
 
 install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
-# Reinstall whenever the declared dependencies or the tested pins change. DeepSpeed (dev extra) ships as
-# source: DS_BUILD_OPS=0 installs it without compiling its CUDA ops, which it builds on first use instead.
+# What training needs (the runtime dependencies), with pip's progress shown: the first install downloads
+# PyTorch. Reinstalled whenever the declared dependencies or the tested pins change.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt -e .
+	touch $@
+
+# Every extra plus the test tools and reference implementations. DeepSpeed ships as source: DS_BUILD_OPS=0
+# installs it without compiling its CUDA ops, which it builds on first use instead.
+$(VENV)/.installed-dev: $(VENV)/.installed
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	touch $@
 
 train: install
 	$(BIN)/zoo fit --config $(CONFIG)
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -28,11 +35,11 @@ test: lint
 	$(BIN)/python -m pytest -m "not gpu" --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: no quality runs, no process spawning (at most 5 minutes on 2 cores).
-test-fast: install
+test-fast: install-dev
 	$(BIN)/python -m pytest -m "not gpu and not slow and not distributed" --durations=15 $(PYTEST_ARGS)
 
 # One script per question; each prints a table and writes benchmarks/results/<name>.json.
-bench: install
+bench: install-dev
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:

@@ -39,6 +39,7 @@ from zoo.callbacks.compression.records import (
     register_replay,
     save_records,
 )
+from zoo.extras import require
 
 __all__ = ["QuantWrapper", "Quantization", "convert_static", "prepare_static", "quantize_dynamic_int8"]
 
@@ -83,9 +84,9 @@ def quantize_dynamic_int8(module: nn.Module, backend: Backend = "auto", skip: tu
 def _apply_dynamic(module: nn.Module, record: dict) -> None:
     layers = set(record["layers"])
     if record["backend"] == "torchao":
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-        quantize_(module, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: fqn in layers)
+        torchao = require("torchao.quantization", "compression", "int8 quantization on CUDA (torchao)")
+        config = torchao.Int8DynamicActivationInt8WeightConfig()
+        torchao.quantize_(module, config, filter_fn=lambda m, fqn: fqn in layers)
         return
     manager = _quiet()
     try:

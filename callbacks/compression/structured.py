@@ -45,6 +45,7 @@ from zoo.callbacks.compression.surgery import (
     prune_mlp_units,
     unit_slices,
 )
+from zoo.extras import require
 
 __all__ = [
     "StructuredPruning",
@@ -215,7 +216,7 @@ def _replay_transformer(model: nn.Module, record: dict) -> None:
 
 # ------------------------------------------------------------------------------------- conv channels
 def _dependency_graph(model: nn.Module, example_inputs: Tensor):
-    import torch_pruning as tp
+    tp = require("torch_pruning", "compression", "conv channel pruning")
 
     return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
 
@@ -233,7 +234,7 @@ def prune_conv_channels(
     classifier (every ``nn.Linear``) and depthwise groups are left as torch_pruning decides. ``taylor`` reads
     ``.grad`` (fill it first). Returns (and records) the pruned channel indices per root conv, in order.
     """
-    import torch_pruning as tp
+    tp = require("torch_pruning", "compression", "conv channel pruning")
 
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"channel fraction must be in (0, 1), got {fraction}")
