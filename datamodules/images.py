@@ -5,6 +5,11 @@ Real data is a folder with one sub-folder per class, either split already
 (``root/<class>/*``, split by ``val_fraction`` with a fixed seed). Problems with it (a missing
 path, an empty class folder, an unreadable image, a class count that disagrees with
 ``num_classes``) are reported when the data module is built, before any training starts.
+
+Prediction runs on the test split, or on the user's own images given as ``predict_path``: a folder
+(searched recursively), one image file, or a text file listing image paths (one a line, relative to
+the list's folder; blank lines and ``#`` comments skipped). Those are read with the evaluation
+transform and identified by their path relative to ``predict_path``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from zoo.datamodules.shapes import COLOURS, SHAPES, ShapesDataset
 from zoo.datamodules.splits import SplitDataModule
 
-__all__ = ["ImageClassificationDataModule", "ImageFolderDataset"]
+__all__ = ["ImageClassificationDataModule", "ImageFileDataset", "ImageFolderDataset", "predict_image_files"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 NORMALIZE_MEAN = (0.5, 0.5, 0.5)
@@ -46,6 +51,52 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
+def predict_image_files(path: str | Path) -> list[tuple[Path, str]]:
+    """``(file, id)`` of each image ``path`` names: a folder (recursively), an image, or a list of images.
+
+    The id is the file's path relative to the folder, the image's name, or the line of the list.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"predict_path {str(path)!r} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found = [(file, file.relative_to(path).as_posix()) for file in files]
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        found = [(path, path.name)]
+    else:
+        found = _listed_images(path)
+    if not found:
+        raise ValueError(f"predict_path {str(path)!r} holds no images (looked for {sorted(IMAGE_SUFFIXES)})")
+    return found
+
+
+def _listed_images(list_file: Path) -> list[tuple[Path, str]]:
+    try:
+        lines = list_file.read_text().splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"predict_path {str(list_file)!r} is neither an image ({sorted(IMAGE_SUFFIXES)}) "
+            "nor a text file listing image paths"
+        ) from error
+    found = []
+    for number, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        file = list_file.parent / entry  # an absolute entry stays absolute
+        if not file.is_file():
+            raise FileNotFoundError(f"{str(list_file)!r}, line {number}: image {entry!r} does not exist")
+        found.append((file, entry))
+    return found
+
+
+def _load_rgb(path: Path, transform):
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    return transform(image) if transform is not None else image
+
+
 def _verify_readable(path: Path) -> None:
     try:
         with Image.open(path) as image:
@@ -55,7 +106,10 @@ def _verify_readable(path: Path) -> None:
 
 
 class ImageFolderDataset(Dataset):
-    """``root/<class>/<image>`` as ``{"image", "label", "caption"}`` items; the caption is the class name."""
+    """``root/<class>/<image>`` as ``{"image", "label", "caption", "id"}`` items.
+
+    The caption is the class name, the id the image's path relative to ``root``.
+    """
 
     def __init__(self, root: str | Path, class_names: list[str] | None = None, transform=None, verify=True):
         root = Path(root)
@@ -66,6 +120,7 @@ class ImageFolderDataset(Dataset):
                 f"classes in {str(root)!r} are {found}, but the training split has {class_names}"
             )
         self.class_names = found
+        self.root = root
         self.samples = [
             (path, label) for label, folder in enumerate(folders) for path in _image_files(folder)
         ]
@@ -79,11 +134,43 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "label": label, "caption": self.class_names[label]}
+        return {
+            "image": _load_rgb(path, self.transform),
+            "label": label,
+            "caption": self.class_names[label],
+            "id": path.relative_to(self.root).as_posix(),
+        }
+
+
+class ImageFileDataset(Dataset):
+    """Unlabelled images as ``{"image", "id"}`` items, from ``(file, id)`` pairs (``predict_image_files``)."""
+
+    def __init__(self, files: list[tuple[Path, str]], transform=None, verify: bool = True) -> None:
+        self.files = files
+        if verify:
+            for path, _ in files:
+                _verify_readable(path)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path, item_id = self.files[index]
+        return {"image": _load_rgb(path, self.transform), "id": item_id}
+
+
+class _WithIndexIds(Dataset):
+    """A dataset whose items get their index as ``"id"`` unless they carry one (a file path)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"id": str(index), **self.dataset[index]}
 
 
 class _ShapesAugment:
@@ -113,11 +200,14 @@ class _Normalize:
 
 
 class ImageClassificationDataModule(SplitDataModule):
-    """Image batches ``{"image": (B, 3, H, W), "label": (B,), "caption": list[str]}``.
+    """Image batches ``{"image": (B, 3, H, W), "label": (B,), "caption": list[str]}``, plus ``"id"`` (the
+    file paths) for image folders.
+
+    Predict batches are ``{"image", "id": list[str]}`` (and the labels, when predicting the test split).
 
     Args:
         data_dir: an image-folder tree (see module docstring); ``None`` uses the embedded shapes.
-        image_size: side of the square images the model sees.
+        img_size: side of the square images the model sees.
         num_classes: the class count you expect; checked against the data when given.
         train_size / val_size / test_size: number of embedded images per split.
         val_fraction: share of an unsplit image folder held out for validation.
@@ -125,15 +215,21 @@ class ImageClassificationDataModule(SplitDataModule):
         augment: random shift + flip (embedded) or timm's training transform (folders).
         verify_images: open every image of a folder once at set-up, so a bad file is named
             before training rather than crashing a worker hours in.
+        predict_path: the images to predict (a folder, an image, or a text file listing images; see
+            the module docstring); ``None`` predicts the test split.
     """
 
     #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
-    model_links: ClassVar[dict[str, str]] = {"num_classes": "num_classes", "image_size": "img_size"}
+    model_links: ClassVar[dict[str, str]] = {
+        "num_classes": "num_classes",
+        "img_size": "img_size",
+        "class_names": "class_names",
+    }
 
     def __init__(
         self,
         data_dir: str | None = None,
-        image_size: int = 32,
+        img_size: int = 32,
         batch_size: int = 128,
         num_workers: int = 0,
         num_classes: int | None = None,
@@ -144,12 +240,13 @@ class ImageClassificationDataModule(SplitDataModule):
         seed: int = 0,
         augment: bool = True,
         verify_images: bool = True,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
         # num_classes is a check, not a setting: the model's value comes from `self.num_classes`.
         self.save_hyperparameters(ignore=["num_classes"])
         self.data_dir = Path(data_dir) if data_dir else None
-        self.image_size = image_size
+        self.img_size = img_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.class_names = self._discover_classes()
@@ -162,6 +259,8 @@ class ImageClassificationDataModule(SplitDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.predict_files = predict_image_files(predict_path) if predict_path else None
+        self.predict_set: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -176,6 +275,12 @@ class ImageClassificationDataModule(SplitDataModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_files is not None:
+            if self.predict_set is None:
+                _, eval_tf = self._folder_transforms()
+                verify = self.hparams.verify_images
+                self.predict_set = ImageFileDataset(self.predict_files, transform=eval_tf, verify=verify)
+            return
         if self.train_set is not None:
             return
         if self.data_dir is None:
@@ -185,7 +290,7 @@ class ImageClassificationDataModule(SplitDataModule):
 
     def _setup_shapes(self) -> None:
         hp = self.hparams
-        common = {"seed": hp.seed, "image_size": self.image_size}
+        common = {"seed": hp.seed, "img_size": self.img_size}
         train_transform = _Normalize(_ShapesAugment() if hp.augment else None)
         self.train_set = ShapesDataset(hp.train_size, split="train", transform=train_transform, **common)
         self.val_set = ShapesDataset(hp.val_size, split="val", transform=_Normalize(), **common)
@@ -194,7 +299,7 @@ class ImageClassificationDataModule(SplitDataModule):
     def _folder_transforms(self):
         from timm.data import create_transform
 
-        common = {"input_size": self.image_size, "mean": NORMALIZE_MEAN, "std": NORMALIZE_STD}
+        common = {"input_size": self.img_size, "mean": NORMALIZE_MEAN, "std": NORMALIZE_STD}
         train = create_transform(is_training=self.hparams.augment, **common)
         return train, create_transform(is_training=False, **common)
 
@@ -235,3 +340,8 @@ class ImageClassificationDataModule(SplitDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def predict_dataloader(self) -> DataLoader:
+        """The ``predict_path`` images, else the test split; every item carries an ``"id"``."""
+        dataset = self.predict_set if self.predict_set is not None else _WithIndexIds(self.test_set)
+        return self._loader(dataset, shuffle=False)

@@ -120,7 +120,7 @@ class ShapesDataset(Dataset):
         *,
         split: str = "train",
         seed: int = 0,
-        image_size: int = 32,
+        img_size: int = 32,
         shapes: tuple[str, ...] = SHAPES,
         colours: tuple[str, ...] = tuple(COLOURS),
         transform=None,
@@ -135,7 +135,7 @@ class ShapesDataset(Dataset):
         self.shapes, self.colours = tuple(shapes), tuple(colours)
         self.class_names = [f"{c} {s}" for s in self.shapes for c in self.colours]
         self.transform = transform
-        self._render_args = {"seed": seed, "split": split, "image_size": image_size, "shapes": self.shapes}
+        self._render_args = {"seed": seed, "split": split, "image_size": img_size, "shapes": self.shapes}
         self._render_args["colours"] = self.colours
         self._cache: list[ShapeSample | None] = [None] * size
 

@@ -66,7 +66,8 @@ def test_a_link_reaches_only_models_that_take_the_argument(tmp_path):
     from zoo.vision import ImageClassifier
 
     data = DataWithForeignLinks(train_size=16, val_size=16, test_size=16)
-    assert linked_model_arguments(data, ImageClassifier) == {"num_classes": 12, "img_size": 32}
+    linked = {"num_classes": 12, "img_size": 32, "class_names": data.class_names}
+    assert linked_model_arguments(data, ImageClassifier) == linked
     cli = ZooCLI(
         args=["--config", str(DEFAULT_CONFIG), f"--data={__name__}.DataWithForeignLinks", *SMALL_DATA],
         run=False,

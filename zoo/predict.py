@@ -52,6 +52,7 @@ class RecordPredictionWriter(BasePredictionWriter):
         self.folder: Path | None = None
         self.records: list[dict[str, Any]] = []
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.images_written = 0
 
     # ------------------------------------------------------------------ paths
     def _resolve_folder(self, trainer) -> Path:
@@ -70,7 +71,7 @@ class RecordPredictionWriter(BasePredictionWriter):
     # ------------------------------------------------------------------ hooks
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         self.folder = self._resolve_folder(trainer)  # a collective under DDP: every rank asks
-        self.records, self.tensors = [], {}
+        self.records, self.tensors, self.images_written = [], {}, 0
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -105,6 +106,7 @@ class RecordPredictionWriter(BasePredictionWriter):
             tmp = self.folder / f".{name}.tmp"
             value.save(tmp, format="PNG")
             os.replace(tmp, self.folder / name)
+            self.images_written += 1
             return name
         if isinstance(value, Mapping):
             return {str(k): self._plain_value(record_id, f"{field}.{k}", v) for k, v in value.items()}
@@ -124,8 +126,7 @@ class RecordPredictionWriter(BasePredictionWriter):
             tensors = self.folder / self._rank_name(trainer, f"tensors.{self.tensor_format}")
             _write_tensors(tensors, self.tensors)
             written.append(tensors.name)
-        pngs = sum(1 for r in self.records for v in r.values() if isinstance(v, str) and v.endswith(".png"))
-        extra = f" and {pngs} PNG files" if pngs else ""
+        extra = f" and {self.images_written} PNG files" if self.images_written else ""
         if trainer.is_global_zero:
             summary = f"{len(self.records)} records: {', '.join(written)}{extra}"
             print(f"\nzoo: predictions written to {self.folder} ({summary})", flush=True)

@@ -1,4 +1,4 @@
-"""ImageClassifier: timm equivalence, DeiT head averaging, layer decay, mixup, bad input."""
+"""ImageClassifier: timm equivalence, DeiT head averaging, layer decay, mixup, predict records, bad input."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import lightning as L
 import pytest
 import timm
 import torch
+from PIL import Image
 
+from zoo.datamodules import ImageClassificationDataModule
 from zoo.optim import WarmupCosineLR
 from zoo.vision import ImageClassifier
 
@@ -114,3 +116,60 @@ def test_conv_stem_keeps_the_token_grid():
     )
     tokens = model.forward_features(torch.randn(2, 3, 32, 32))
     assert tokens.shape == (2, 1 + 16, 192)
+
+
+def test_example_inputs_run_through_the_module(tiny_deit_kwargs):
+    model = ImageClassifier(**{**tiny_deit_kwargs, "patch_size": 4}, img_size=16, in_chans=1).eval()
+    (images,) = model.example_inputs(batch_size=3)
+    assert images.shape == (3, 1, 16, 16)
+    assert model(*model.example_inputs()).shape == (2, 12)
+
+
+def test_class_names_must_match_the_class_count(tiny_deit_kwargs):
+    with pytest.raises(ValueError, match="class_names has 2 names for num_classes=12"):
+        ImageClassifier(**tiny_deit_kwargs, class_names=["cat", "dog"])
+
+
+def _predict(model, data) -> list[dict]:
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return [record for batch in trainer.predict(model, data) for record in batch]
+
+
+def test_predict_records_name_the_user_images_and_their_classes(tmp_path, tiny_deit_kwargs):
+    for i, colour in enumerate(((255, 0, 0), (0, 0, 255), (0, 255, 0))):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{i}.jpg")
+    data = ImageClassificationDataModule(predict_path=str(tmp_path), batch_size=2)
+    model = ImageClassifier(**tiny_deit_kwargs, class_names=data.class_names)
+    records = _predict(model, data)
+    assert [r["id"] for r in records] == ["0.jpg", "1.jpg", "2.jpg"]
+    for record in records:
+        assert set(record) == {"id", "label", "class_index", "top_k"}
+        assert record["label"] == data.class_names[record["class_index"]] == record["top_k"][0]["class"]
+        probabilities = [entry["probability"] for entry in record["top_k"]]
+        assert len(probabilities) == 5 and probabilities == sorted(probabilities, reverse=True)
+        assert all(isinstance(p, float) for p in probabilities) and sum(probabilities) <= 1.0 + 1e-6
+
+
+def test_without_class_names_records_use_indices_and_keep_all_classes_below_five(tiny_deit_kwargs):
+    data = ImageClassificationDataModule(train_size=8, val_size=8, test_size=3, batch_size=2)
+    model = ImageClassifier(**tiny_deit_kwargs, num_classes=3)
+    model.setup = lambda stage: None  # the shapes have 12 classes: only the record format is under test
+    records = _predict(model, data)
+    assert [r["id"] for r in records] == ["0", "1", "2"]
+    assert all(r["label"] == str(r["class_index"]) and len(r["top_k"]) == 3 for r in records)
+    assert sum(e["probability"] for e in records[0]["top_k"]) == pytest.approx(1.0)
+
+
+def test_a_checkpoint_written_before_class_names_loads(tmp_path, tiny_deit_kwargs):
+    model = ImageClassifier(**tiny_deit_kwargs, class_names=[f"c{i}" for i in range(12)])
+    trainer = L.Trainer(max_steps=0, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.strategy.connect(model)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["hyper_parameters"]["class_names"]
+    torch.save(checkpoint, path)
+    restored = ImageClassifier.load_from_checkpoint(path).eval()
+    assert restored.hparams.class_names is None
+    record = restored.predict_step({"image": torch.randn(1, 3, 32, 32)}, 0)[0]
+    assert record["id"] == "0:0" and record["label"] == str(record["class_index"])

@@ -1,7 +1,18 @@
-"""Vision transformers: ViT, DeiT (distilled), Swin through timm, and Visual Prompt Tuning."""
+"""Vision transformers: ViT, DeiT (distilled), Swin through timm, and Visual Prompt Tuning.
 
-from zoo.vision.classifier import ImageClassifier
+``model`` builds the networks (plain ``nn.Module``s), ``prompted`` holds the VPT wrappers and
+``module`` the LightningModules.
+"""
+
+from zoo.vision.model import load_classifier_backbone
+from zoo.vision.module import ImageClassificationModule, ImageClassifier, VisualPromptTuning
 from zoo.vision.prompted import PromptedSwin, PromptedViT
-from zoo.vision.vpt import VisualPromptTuning
 
-__all__ = ["ImageClassifier", "PromptedSwin", "PromptedViT", "VisualPromptTuning"]
+__all__ = [
+    "ImageClassificationModule",
+    "ImageClassifier",
+    "PromptedSwin",
+    "PromptedViT",
+    "VisualPromptTuning",
+    "load_classifier_backbone",
+]
