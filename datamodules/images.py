@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from zoo.datamodules.shapes import COLOURS, SHAPES, ShapesDataset
 from zoo.datamodules.splits import SplitDataModule
+from zoo.errors import MissingFileError
 
 __all__ = ["ImageClassificationDataModule", "ImageFileDataset", "ImageFolderDataset", "predict_image_files"]
 
@@ -33,7 +34,7 @@ NORMALIZE_STD = (0.5, 0.5, 0.5)
 
 def _class_folders(root: Path) -> list[Path]:
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
+        raise MissingFileError(f"image folder {str(root)!r} does not exist or is not a directory")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ValueError(

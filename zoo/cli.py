@@ -167,6 +167,10 @@ class ZooCLI(LightningCLI):
     def _instantiate_data(config: Namespace) -> LightningDataModule | None:
         if config.get("data") is None:
             return None
+        init_args = config.data.get("init_args") or Namespace()
+        if not any(isinstance(v, Namespace) for v in vars(init_args).values()):
+            # plain, already type-checked arguments: call the class, so its own errors reach the user unwrapped
+            return _import_class(config.data.class_path)(**vars(init_args))
         parser = ArgumentParser(exit_on_error=False)
         parser.add_subclass_arguments(LightningDataModule, "data")
         return parser.instantiate(parser.parse_object({"data": config.data.as_dict()})).data

@@ -103,12 +103,25 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             run(argv)
     except Exception as error:
-        from zoo.errors import ZooError
-
-        if not isinstance(error, ZooError) or os.environ.get("ZOO_DEBUG") == "1":
+        cause = _user_error(error)
+        if cause is None or os.environ.get("ZOO_DEBUG") == "1":
             raise
-        print(f"zoo: error: {error}", file=sys.stderr)
+        print(f"zoo: error: {cause}\n(ZOO_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The ``ZooError`` behind ``error``: jsonargparse and Lightning wrap what a constructor or hook raised."""
+    from zoo.errors import ZooError
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ZooError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def fit_summary(trainer, seconds: float) -> str:
     parts = [f"zoo: fit done in {minutes} min {rest} s" if minutes else f"zoo: fit done in {rest} s"]
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") or getattr(checkpoint, "last_model_path", "")
+    best_path = best_path if best_path and Path(best_path).exists() else ""  # fast_dev_run saves nothing
     score = getattr(checkpoint, "best_model_score", None)
     if best_path and score is not None and checkpoint.monitor:
         parts.append(f"best {checkpoint.monitor} {float(score):.4g} at {best_path}")
