@@ -9,8 +9,12 @@ Each item is one key frame with the ``queue_length - 1`` frames before it (BEVFo
   the previous frame (degrees); deltas are zero on a scene's first frame;
 - ``prev_exists`` (T,) bool: whether entry t continues entry t-1 (False at t = 0 and where the queue was
   padded at a scene start by repeating its first frame);
-- ``gt_boxes`` (M, 9) ``x, y, z, w, l, h, yaw, vx, vy`` of the last frame (ego frame, gravity centre),
-  ``gt_labels`` (M,), ``gt_attributes`` (M,) nuScenes attribute index or -1.
+- ``gt_boxes`` (M, 9) ``x, y, z, w, l, h, yaw, vx, vy`` of the last frame (LiDAR frame, gravity centre; the
+  LiDAR frame is the ego frame in the synthetic scenes), ``gt_labels`` (M,), ``gt_attributes`` (M,) nuScenes
+  attribute index or -1;
+- ``token`` (str): the sample token of an info file, ``<split>_scene<k>_frame<f>`` for a synthetic frame;
+  ``lidar2global`` (4, 4) float64: the pose of the boxes' frame in the global frame (the synthetic scene's
+  world), which nuScenes submissions are written in.
 
 Ground truth is filtered as nuScenes and BEVFormer filter it, with the counts kept in ``filter_counts``:
 boxes whose centre lies outside the BEV range are dropped (as ``ObjectRangeFilter``), and so are boxes that
@@ -22,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,6 +43,7 @@ __all__ = [
     "SyntheticSceneDataset",
     "can_bus_vector",
     "collate_bev",
+    "pose_matrix",
 ]
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -61,6 +67,19 @@ def can_bus_vector(
         vec[0:3] = ego2global[:3, 3] - prev_ego2global[:3, 3]
         vec[17] = math.degrees((yaw - prev_yaw + math.pi) % (2 * math.pi) - math.pi)
     return vec
+
+
+def pose_matrix(rotation: Sequence[float], translation: Sequence[float]) -> np.ndarray:
+    """(4, 4) pose from a quaternion ``[w, x, y, z]`` and a translation, as nuScenes stores poses."""
+    w, x, y, z = np.asarray(rotation, dtype=np.float64) / np.linalg.norm(rotation)
+    pose = np.eye(4)
+    pose[:3, :3] = [
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+    ]
+    pose[:3, 3] = translation
+    return pose
 
 
 def _normalise(images: np.ndarray) -> torch.Tensor:
@@ -105,7 +124,7 @@ class SyntheticSceneDataset(Dataset):
         num_scenes: int = 8,
         frames_per_scene: int = 8,
         queue_length: int = 3,
-        image_size: tuple[int, int] = (64, 112),
+        img_size: tuple[int, int] = (64, 112),
         class_names: tuple[str, ...] = DEFAULT_CLASSES,
         num_objects: int = 30,
         point_cloud_range: tuple[float, ...] = (-25.6, -25.6, -1.0, 25.6, 25.6, 4.0),
@@ -126,7 +145,7 @@ class SyntheticSceneDataset(Dataset):
         self.class_names = tuple(class_names)
         self.num_objects, self.min_pixels, self.noise = num_objects, min_pixels, noise
         self.pc_range = _check_range(point_cloud_range)
-        self.rig = nuscenes_rig(tuple(image_size))
+        self.rig = nuscenes_rig(tuple(img_size))
         self.lidar2img = torch.from_numpy(self.rig.lidar2img).float()
         self.filter_counts: Counter = Counter()
         self._cache: dict[int, dict] = {}
@@ -154,7 +173,7 @@ class SyntheticSceneDataset(Dataset):
         for frame in range(scene.num_frames):
             boxes = scene.boxes(frame)
             pose = scene.ego2global(frame)
-            noise = rng.normal(0.0, self.noise, size=(len(self.rig.names) * np.prod(self.rig.image_size), 3))
+            noise = rng.normal(0.0, self.noise, size=(len(self.rig.names) * np.prod(self.rig.img_size), 3))
             images, pixels = render_frame(self.rig, boxes, colours, pose, noise=noise)
             seen = pixels >= self.min_pixels
             inside = _in_range(boxes, self.pc_range)
@@ -172,6 +191,7 @@ class SyntheticSceneDataset(Dataset):
                     "can_bus": torch.from_numpy(
                         can_bus_vector(pose, prev, scene.ego_yaw_rate, scene.ego_speed)
                     ).float(),
+                    "lidar2global": torch.from_numpy(pose),
                 }
             )
         self._cache[index] = {"frames": frames}
@@ -195,6 +215,8 @@ class SyntheticSceneDataset(Dataset):
             "gt_labels": last["gt_labels"],
             "gt_attributes": last["gt_attributes"],
             "sample_id": index,
+            "token": f"{self.split}_scene{scene_index:03d}_frame{frame:02d}",
+            "lidar2global": last["lidar2global"],
         }
 
 
@@ -205,9 +227,13 @@ class NuScenesInfoDataset(Dataset):
     pickle, so nothing executable is loaded): per sample ``token``, ``scene_token``, ``can_bus`` (18),
     ``cams`` (camera name -> ``data_path``, ``cam_intrinsic`` 3 x 3, ``sensor2lidar_rotation`` 3 x 3,
     ``sensor2lidar_translation`` 3), ``gt_boxes`` (M x 7: x, y, z, w, l, h, yaw in the LiDAR frame, geometric
-    centre), ``gt_names``, ``gt_velocity`` (M x 2), optional ``valid_flag``. Boxes of unknown class, without
-    ``valid_flag`` or outside the BEV range are dropped, counted in ``filter_counts``; samples are ordered by
-    their position in the file, and the temporal queue stays within a ``scene_token``.
+    centre), ``gt_names``, ``gt_velocity`` (M x 2), optional ``valid_flag``, and the poses
+    ``lidar2ego_rotation``/``_translation`` and ``ego2global_rotation``/``_translation`` (quaternion
+    ``[w, x, y, z]``, metres; without an ego pose ``lidar2global`` is the identity, and predictions stay in the
+    LiDAR frame). Boxes of unknown class, without ``valid_flag`` or outside the BEV range are dropped, counted in
+    ``filter_counts``; samples are ordered by their position in the file, and the temporal queue stays within
+    a ``scene_token``. ``annotated=False`` accepts samples without ``gt_boxes``/``gt_names`` (nuScenes' test
+    split), which then have no ground truth.
     """
 
     def __init__(
@@ -217,11 +243,12 @@ class NuScenesInfoDataset(Dataset):
         *,
         class_names: tuple[str, ...],
         point_cloud_range: tuple[float, ...],
-        image_size: tuple[int, int],
+        img_size: tuple[int, int],
         queue_length: int = 3,
         cameras: tuple[str, ...] = CAMERA_NAMES,
+        annotated: bool = True,
     ) -> None:
-        self.info_file, self.data_root = Path(info_file), Path(data_root)
+        self.info_file, self.data_root, self.annotated = Path(info_file), Path(data_root), annotated
         if not self.info_file.is_file():
             raise FileNotFoundError(f"info file {str(self.info_file)!r} does not exist")
         try:
@@ -231,9 +258,9 @@ class NuScenesInfoDataset(Dataset):
                 f"{self.info_file}: expected a JSON object with an 'infos' list ({error})"
             ) from error
         self.class_names, self.cameras = tuple(class_names), tuple(cameras)
-        self.pc_range, self.image_size, self.queue_length = (
+        self.pc_range, self.img_size, self.queue_length = (
             _check_range(point_cloud_range),
-            image_size,
+            img_size,
             queue_length,
         )
         self.filter_counts: Counter = Counter()
@@ -241,9 +268,19 @@ class NuScenesInfoDataset(Dataset):
 
     def _validate(self, index: int, info: dict) -> dict:
         where = f"{self.info_file}: infos[{index}]"
-        for key in ("token", "scene_token", "can_bus", "cams", "gt_boxes", "gt_names"):
+        required = ("token", "scene_token", "can_bus", "cams") + (
+            ("gt_boxes", "gt_names") if self.annotated else ()
+        )
+        for key in required:
             if key not in info:
                 raise ValueError(f"{where} has no {key!r}")
+        for frame in ("lidar2ego", "ego2global"):
+            fields = {f"{frame}_rotation": 4, f"{frame}_translation": 3}
+            if not any(key in info for key in fields):
+                continue
+            for key, size in fields.items():
+                if np.asarray(info.get(key, ())).shape != (size,):
+                    raise ValueError(f"{where}.{key} must have {size} values (a pose needs both fields)")
         if len(info["can_bus"]) != 18:
             raise ValueError(f"{where}.can_bus has {len(info['can_bus'])} values, expected 18")
         for cam in self.cameras:
@@ -260,13 +297,23 @@ class NuScenesInfoDataset(Dataset):
             path = self.data_root / entry["data_path"]
             if not path.is_file():
                 raise FileNotFoundError(f"{where}.cams.{cam}: image {str(path)!r} is missing")
-        boxes = np.asarray(info["gt_boxes"], dtype=np.float64).reshape(-1, 7)
-        if len(info["gt_names"]) != len(boxes):
-            raise ValueError(f"{where}: {len(boxes)} gt_boxes but {len(info['gt_names'])} gt_names")
+        boxes = np.asarray(info.get("gt_boxes", []), dtype=np.float64).reshape(-1, 7)
+        if len(info.get("gt_names", [])) != len(boxes):
+            raise ValueError(f"{where}: {len(boxes)} gt_boxes but {len(info.get('gt_names', []))} gt_names")
         return info
 
     def __len__(self) -> int:
         return len(self.infos)
+
+    @staticmethod
+    def _lidar2global(info: dict) -> np.ndarray:
+        """``ego2global @ lidar2ego`` (without lidar2ego the LiDAR frame is the ego's); no ego pose: identity."""
+        if "ego2global_rotation" not in info:
+            return np.eye(4)
+        pose = pose_matrix(info["ego2global_rotation"], info["ego2global_translation"])
+        if "lidar2ego_rotation" in info:
+            pose = pose @ pose_matrix(info["lidar2ego_rotation"], info["lidar2ego_translation"])
+        return pose
 
     def _lidar2img(self, info: dict) -> np.ndarray:
         """BEVFormer's formula: ``K_pad @ [R^T | -t R^T]^T`` with R, t the camera-to-lidar pose, rescaled."""
@@ -286,7 +333,7 @@ class NuScenesInfoDataset(Dataset):
     def _frame(self, info: dict) -> tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
 
-        height, width = self.image_size
+        height, width = self.img_size
         images, mats = [], self._lidar2img(info)
         for n, cam in enumerate(self.cameras):
             with Image.open(self.data_root / info["cams"][cam]["data_path"]) as img:
@@ -318,6 +365,8 @@ class NuScenesInfoDataset(Dataset):
             "gt_labels": labels,
             "gt_attributes": torch.full((len(labels),), -1, dtype=torch.long),
             "sample_id": index,
+            "token": str(info["token"]),
+            "lidar2global": torch.from_numpy(self._lidar2global(info)),
         }
 
     def _can_bus(self, index: int) -> np.ndarray:
@@ -330,6 +379,8 @@ class NuScenesInfoDataset(Dataset):
         return vec
 
     def _targets(self, info: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "gt_boxes" not in info:  # an unannotated sample (validated with annotated=False)
+            return torch.zeros(0, 9), torch.zeros(0, dtype=torch.long)
         boxes = np.asarray(info["gt_boxes"], dtype=np.float64).reshape(-1, 7)
         velocity = np.asarray(info.get("gt_velocity", np.zeros((len(boxes), 2))), dtype=np.float64).reshape(
             -1, 2
@@ -349,12 +400,12 @@ class NuScenesInfoDataset(Dataset):
 
 
 def collate_bev(items: list[dict]) -> dict:
-    """Stack the camera tensors; ground truth stays a list (a different count per sample)."""
+    """Stack the camera tensors and poses; ground truth (a count per sample) and tokens stay lists."""
     batch = {
         key: torch.stack([item[key] for item in items])
-        for key in ("images", "lidar2img", "can_bus", "prev_exists")
+        for key in ("images", "lidar2img", "can_bus", "prev_exists", "lidar2global")
     }
-    for key in ("gt_boxes", "gt_labels", "gt_attributes"):
+    for key in ("gt_boxes", "gt_labels", "gt_attributes", "token"):
         batch[key] = [item[key] for item in items]
     batch["sample_id"] = torch.tensor([item["sample_id"] for item in items])
     return batch
@@ -367,17 +418,20 @@ class BEVDetectionDataModule(SplitDataModule):
         class_names: detection classes (label = index); linked into the model by the CLI.
         point_cloud_range: BEV range ``[x_min, y_min, z_min, x_max, y_max, z_max]`` (metres, ego frame);
             linked into the model.
-        image_size: (H, W) of every camera image.
+        img_size: (H, W) of every camera image.
         queue_length: frames per item (the key frame and the ones before it); 1 disables history.
         train_scenes / val_scenes / test_scenes, frames_per_scene, num_objects: synthetic data size.
         data_root, train_info, val_info, test_info: real data (info files relative to ``data_root``).
+        predict_info: the info file ``zoo predict`` reads (relative to ``data_root``; annotations optional);
+            without it, predict runs on the test split.
     """
 
     #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
     model_links: ClassVar[dict[str, str]] = {
-        "detection_classes": "class_names",
+        "class_names": "class_names",
         "point_cloud_range": "point_cloud_range",
     }
+    predict_set: Dataset | None = None
 
     def __init__(
         self,
@@ -385,7 +439,7 @@ class BEVDetectionDataModule(SplitDataModule):
         num_workers: int = 0,
         class_names: list[str] | None = None,
         point_cloud_range: list[float] | None = None,
-        image_size: tuple[int, int] = (64, 112),
+        img_size: tuple[int, int] = (64, 112),
         queue_length: int = 3,
         train_scenes: int = 48,
         val_scenes: int = 8,
@@ -397,6 +451,7 @@ class BEVDetectionDataModule(SplitDataModule):
         train_info: str | None = None,
         val_info: str | None = None,
         test_info: str | None = None,
+        predict_info: str | None = None,
     ) -> None:
         super().__init__()
         # class_names / point_cloud_range are linked into the model, whose hyperparameters record them
@@ -405,23 +460,38 @@ class BEVDetectionDataModule(SplitDataModule):
         self.point_cloud_range = list(
             _check_range(point_cloud_range or (-25.6, -25.6, -1.0, 25.6, 25.6, 4.0))
         )
-        if len(image_size) != 2 or min(image_size) < 16:
-            raise ValueError(f"image_size must be (H, W) with both >= 16, got {image_size}")
-        self.image_size = tuple(int(v) for v in image_size)
+        if len(img_size) != 2 or min(img_size) < 16:
+            raise ValueError(f"img_size must be (H, W) with both >= 16, got {img_size}")
+        if predict_info is not None and data_root is None:
+            raise ValueError("predict_info is relative to data_root: give data_root too")
+        self.img_size = tuple(int(v) for v in img_size)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @property
-    def detection_classes(self) -> list[str]:
-        """The class names, linked into ``BEVFormerDetector.class_names`` by the CLI. A name of its own: other data
-        modules have ``class_names`` too, and a link whose target a model lacks lands in its ``dict_kwargs``."""
-        return list(self.class_names)
-
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if stage == "predict" and self.hparams.predict_info is not None:
+            if self.predict_set is None:
+                self.predict_set = self._info_set(self.hparams.predict_info, annotated=False)
             return
+        if self.train_set is None:
+            self._setup_splits()
+        if self.predict_set is None:
+            self.predict_set = self.test_set
+
+    def _info_set(self, info: str, annotated: bool = True) -> NuScenesInfoDataset:
+        return NuScenesInfoDataset(
+            Path(self.hparams.data_root) / info,
+            self.hparams.data_root,
+            class_names=tuple(self.class_names),
+            point_cloud_range=tuple(self.point_cloud_range),
+            img_size=self.img_size,
+            queue_length=self.hparams.queue_length,
+            annotated=annotated,
+        )
+
+    def _setup_splits(self) -> None:
         hp = self.hparams
         if hp.data_root is None:
             sizes = {"train": hp.train_scenes, "val": hp.val_scenes, "test": hp.test_scenes}
@@ -432,7 +502,7 @@ class BEVDetectionDataModule(SplitDataModule):
                     num_scenes=n,
                     frames_per_scene=hp.frames_per_scene,
                     queue_length=hp.queue_length,
-                    image_size=self.image_size,
+                    img_size=self.img_size,
                     class_names=tuple(self.class_names),
                     num_objects=hp.num_objects,
                     point_cloud_range=tuple(self.point_cloud_range),
@@ -446,18 +516,11 @@ class BEVDetectionDataModule(SplitDataModule):
                 raise ValueError(
                     f"data_root is set, so {', '.join(f'{k}_info' for k in missing)} must be given too"
                 )
-            sets = {
-                split: NuScenesInfoDataset(
-                    Path(hp.data_root) / path,
-                    hp.data_root,
-                    class_names=tuple(self.class_names),
-                    point_cloud_range=tuple(self.point_cloud_range),
-                    image_size=self.image_size,
-                    queue_length=hp.queue_length,
-                )
-                for split, path in infos.items()
-            }
+            sets = {split: self._info_set(path) for split, path in infos.items()}
         self.train_set, self.val_set, self.test_set = sets["train"], sets["val"], sets["test"]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set, shuffle=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(

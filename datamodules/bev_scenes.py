@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from zoo.bev.metrics import ATTRIBUTE_NAMES
+
 __all__ = [
-    "ATTRIBUTE_NAMES",
     "CAMERA_NAMES",
     "CLASS_STYLE",
     "CameraRig",
@@ -55,18 +56,6 @@ _NUSCENES_CAMERAS = {
     "CAM_BACK_RIGHT": ((1259.5, 807.3, 501.2), (1.05, -0.48, 1.56), -110.0),
 }
 
-#: nuScenes attribute names (detection eval order); index 0..7.
-ATTRIBUTE_NAMES = (
-    "cycle.with_rider",
-    "cycle.without_rider",
-    "pedestrian.moving",
-    "pedestrian.sitting_lying_down",
-    "pedestrian.standing",
-    "vehicle.moving",
-    "vehicle.parked",
-    "vehicle.stopped",
-)
-
 #: class -> (mean (w, l, h), RGB colour, probability of moving, speed range m/s)
 CLASS_STYLE: dict[
     str, tuple[tuple[float, float, float], tuple[int, int, int], float, tuple[float, float]]
@@ -86,12 +75,12 @@ CLASS_STYLE: dict[
 
 @dataclass(frozen=True)
 class CameraRig:
-    """Pinhole cameras: ``intrinsics`` (N, 3, 3) for ``image_size`` (H, W), ``cam2ego`` (N, 4, 4)."""
+    """Pinhole cameras: ``intrinsics`` (N, 3, 3) for ``img_size`` (H, W), ``cam2ego`` (N, 4, 4)."""
 
     names: tuple[str, ...]
     intrinsics: np.ndarray
     cam2ego: np.ndarray
-    image_size: tuple[int, int]
+    img_size: tuple[int, int]
 
     @property
     def lidar2img(self) -> np.ndarray:
@@ -101,11 +90,9 @@ class CameraRig:
         return view @ np.linalg.inv(self.cam2ego)
 
 
-def nuscenes_rig(
-    image_size: tuple[int, int] = (64, 112), cameras: tuple[str, ...] = CAMERA_NAMES
-) -> CameraRig:
-    """nuScenes' six cameras with intrinsics rescaled from 1600 x 900 to ``image_size`` (H, W)."""
-    height, width = image_size
+def nuscenes_rig(img_size: tuple[int, int] = (64, 112), cameras: tuple[str, ...] = CAMERA_NAMES) -> CameraRig:
+    """nuScenes' six cameras with intrinsics rescaled from 1600 x 900 to ``img_size`` (H, W)."""
+    height, width = img_size
     sx, sy = width / 1600.0, height / 900.0
     intrinsics, cam2ego = [], []
     for name in cameras:
@@ -276,7 +263,7 @@ def render_frame(
     is mixed with white so the heading can be read. The ground carries a 4 m world-fixed checker texture
     that fades with distance, so it slides under the ego as it moves.
     """
-    height, width = rig.image_size
+    height, width = rig.img_size
     n = len(rig.names)
     v, u = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
     pix = np.stack([u, v, np.ones_like(u)], axis=-1).reshape(-1, 3)  # (P, 3)

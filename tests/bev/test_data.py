@@ -11,15 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
+from zoo.bev import BEVFormerDetector
+from zoo.cli import linked_model_arguments
 from zoo.datamodules.bev import (
     BEVDetectionDataModule,
     NuScenesInfoDataset,
     SyntheticSceneDataset,
     collate_bev,
+    pose_matrix,
 )
 from zoo.datamodules.bev_scenes import CAMERA_NAMES, nuscenes_rig, render_frame
 
-SMALL = {"num_scenes": 2, "frames_per_scene": 3, "queue_length": 2, "image_size": (32, 56), "num_objects": 12}
+SMALL = {"num_scenes": 2, "frames_per_scene": 3, "queue_length": 2, "img_size": (32, 56), "num_objects": 12}
 
 
 def test_scenes_are_deterministic_and_split_dependent():
@@ -43,6 +46,19 @@ def test_queue_and_can_bus_follow_the_ego_poses():
     assert cur[17].item() == pytest.approx(math.degrees(cur[16] - prev[16]), abs=1e-3)
     speed = math.hypot(cur[0], cur[1]) / 0.5
     assert speed == pytest.approx(cur[13].item(), rel=0.05, abs=0.05)  # 2 Hz key frames
+
+
+def test_items_carry_their_token_and_pose():
+    data = SyntheticSceneDataset("test", **SMALL)
+    first, item = data[3], data[4]  # scene 1, frames 0 and 1
+    assert item["token"] == "test_scene001_frame01"
+    pose = item["lidar2global"]
+    assert pose.shape == (4, 4) and pose.dtype == torch.float64
+    # the key frame's ego translation since the previous frame is the difference of the two poses
+    assert torch.allclose(item["can_bus"][-1, :3].double(), (pose - first["lidar2global"])[:3, 3], atol=1e-5)
+    batch = collate_bev([first, item])
+    assert batch["token"] == ["test_scene001_frame00", "test_scene001_frame01"]
+    assert batch["lidar2global"].shape == (2, 4, 4)
 
 
 def test_ground_truth_is_filtered_and_counted():
@@ -73,12 +89,18 @@ def test_lidar2img_and_renderer_agree():
 
 def test_datamodule_batches_and_links():
     dm = BEVDetectionDataModule(batch_size=3, train_scenes=1, val_scenes=1, test_scenes=1, frames_per_scene=3,
-                                image_size=(32, 56), num_objects=8)  # fmt: skip
+                                img_size=(32, 56), num_objects=8)  # fmt: skip
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert batch["images"].shape == (3, 3, 6, 3, 32, 56)
     assert isinstance(batch["gt_boxes"], list) and len(batch["gt_boxes"]) == 3
     assert dm.num_classes == 5 and dm.point_cloud_range == [-25.6, -25.6, -1.0, 25.6, 25.6, 4.0]
+    assert linked_model_arguments(dm, BEVFormerDetector) == {
+        "class_names": ["car", "truck", "bus", "pedestrian", "barrier"],
+        "point_cloud_range": [-25.6, -25.6, -1.0, 25.6, 25.6, 4.0],
+    }
+    dm.setup("predict")  # without predict_info: the test split
+    assert dm.predict_dataloader().dataset is dm.test_set
 
 
 def test_bad_synthetic_arguments():
@@ -88,13 +110,23 @@ def test_bad_synthetic_arguments():
         SyntheticSceneDataset("train", point_cloud_range=(1, 2, 3))
     with pytest.raises(ValueError, match="split"):
         SyntheticSceneDataset("training")
-    with pytest.raises(ValueError, match="image_size"):
-        BEVDetectionDataModule(image_size=(8, 8))
+    with pytest.raises(ValueError, match="img_size"):
+        BEVDetectionDataModule(img_size=(8, 8))
     with pytest.raises(ValueError, match="val_info"):
         BEVDetectionDataModule(data_root="somewhere", train_info="a.json").setup("fit")
+    with pytest.raises(ValueError, match="predict_info is relative to data_root"):
+        BEVDetectionDataModule(predict_info="infos.json")
 
 
 # ------------------------------------------------------------------------------ nuScenes info files
+#: the LiDAR 0.9 m ahead of the ego centre, 1.8 m up; the ego at (600, 1600) m heading 30 degrees
+POSES = {
+    "lidar2ego_rotation": [1.0, 0.0, 0.0, 0.0], "lidar2ego_translation": [0.9, 0.0, 1.8],
+    "ego2global_rotation": [math.cos(math.pi / 12), 0.0, 0.0, math.sin(math.pi / 12)],
+    "ego2global_translation": [600.0, 1600.0, 0.0],
+}  # fmt: skip
+
+
 def write_fixture(root, samples=2):
     """A tiny nuScenes-format info file (BEVFormer converter fields) and its camera images."""
     rig = nuscenes_rig((90, 160))  # small images keep the test fast; intrinsics match them
@@ -115,7 +147,7 @@ def write_fixture(root, samples=2):
             "token": f"t{s}", "scene_token": "scene-0", "can_bus": [float(s)] * 16 + [0.1 * s, 5.0 * s], "cams": cams,
             "gt_boxes": [[5, 1, 0.8, 1.9, 4.5, 1.6, 0.2], [80, 0, 0, 2, 4, 1.5, 0], [3, 3, 0, 1, 1, 1, 0]],
             "gt_names": ["car", "car", "ignore"], "gt_velocity": [[1, 0], [0, 0], [float("nan"), 0]],
-            "valid_flag": [True, True, True],
+            "valid_flag": [True, True, True], **POSES,
         })  # fmt: skip
     (root / "infos.json").write_text(json.dumps({"infos": infos}))
     return rig
@@ -124,7 +156,7 @@ def write_fixture(root, samples=2):
 def test_nuscenes_info_files_load(tmp_path):
     rig = write_fixture(tmp_path)
     data = NuScenesInfoDataset(tmp_path / "infos.json", tmp_path, class_names=("car", "pedestrian"),
-                               point_cloud_range=(-51.2, -51.2, -5, 51.2, 51.2, 3), image_size=(45, 80), queue_length=2)  # fmt: skip
+                               point_cloud_range=(-51.2, -51.2, -5, 51.2, 51.2, 3), img_size=(45, 80), queue_length=2)  # fmt: skip
     item = data[1]
     assert item["images"].shape == (2, 6, 3, 45, 80)
     expected = np.diag([0.5, 0.5, 1, 1]) @ rig.lidar2img  # BEVFormer's formula, rescaled to 80 x 45
@@ -143,7 +175,7 @@ def test_nuscenes_info_errors_name_the_field(tmp_path):
     kwargs = {
         "class_names": ("car",),
         "point_cloud_range": (-51.2, -51.2, -5, 51.2, 51.2, 3),
-        "image_size": (45, 80),
+        "img_size": (45, 80),
     }
     with pytest.raises(FileNotFoundError, match="does not exist"):
         NuScenesInfoDataset(tmp_path / "nope.json", tmp_path, **kwargs)
@@ -155,3 +187,32 @@ def test_nuscenes_info_errors_name_the_field(tmp_path):
     (tmp_path / "samples/CAM_FRONT/0.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"infos\[0\]\.cams\.CAM_FRONT: image .* is missing"):
         NuScenesInfoDataset(tmp_path / "infos.json", tmp_path, **kwargs)
+
+
+def test_info_poses_and_an_unannotated_predict_file(tmp_path):
+    write_fixture(tmp_path)
+    infos = json.loads((tmp_path / "infos.json").read_text())
+    for info in infos["infos"]:
+        del info["gt_boxes"], info["gt_names"], info["gt_velocity"], info["valid_flag"]
+    (tmp_path / "test_infos.json").write_text(json.dumps(infos))
+    kwargs = {
+        "class_names": ("car",),
+        "point_cloud_range": (-51.2, -51.2, -5, 51.2, 51.2, 3),
+        "img_size": (45, 80),
+    }
+    with pytest.raises(ValueError, match=r"infos\[0\] has no 'gt_boxes'"):
+        NuScenesInfoDataset(tmp_path / "test_infos.json", tmp_path, **kwargs)
+    dm = BEVDetectionDataModule(batch_size=2, img_size=(45, 80), queue_length=2, data_root=str(tmp_path),
+                                predict_info="test_infos.json")  # fmt: skip
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["token"] == ["t0", "t1"] and [len(b) for b in batch["gt_boxes"]] == [0, 0]
+    ego2global = pose_matrix(POSES["ego2global_rotation"], POSES["ego2global_translation"])
+    lidar2ego = pose_matrix(POSES["lidar2ego_rotation"], POSES["lidar2ego_translation"])
+    assert torch.allclose(batch["lidar2global"][0], torch.from_numpy(ego2global @ lidar2ego))
+    lidar_position = [600 + 0.9 * math.cos(math.pi / 6), 1600 + 0.9 * math.sin(math.pi / 6), 1.8]
+    assert batch["lidar2global"][0, :3, 3].tolist() == pytest.approx(lidar_position)
+    infos["infos"][1]["ego2global_translation"] = [1.0, 2.0]
+    (tmp_path / "bad.json").write_text(json.dumps(infos))
+    with pytest.raises(ValueError, match=r"infos\[1\]\.ego2global_translation must have 3 values"):
+        NuScenesInfoDataset(tmp_path / "bad.json", tmp_path, annotated=False, **kwargs)

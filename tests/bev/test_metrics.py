@@ -137,7 +137,7 @@ def random_scene(rng, classes, count, noise=None):
 def test_agrees_with_the_nuscenes_devkit(devkit):
     rng = np.random.default_rng(0)
     classes = list(devkit.constants.DETECTION_NAMES)
-    from zoo.bev.metrics import _ATTRIBUTES as attributes  # indices are ours; the devkit sees the names
+    from zoo.bev.metrics import ATTRIBUTE_NAMES as attributes  # indices are ours; the devkit sees the names
 
     assert set(attributes) == set(devkit.constants.ATTRIBUTE_NAMES)
     gt_boxes, pred_boxes = devkit.common.EvalBoxes(), devkit.common.EvalBoxes()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zoo.bev import BEVFORMER_CONFIGS, BEVFormer, BEVFormerDetector
-from zoo.registry import MODELS, count_parameters
+from zoo.registry import MODELS, measure_parameters
 
 # (bev_h, encoder layers, levels, SCA offsets out, SCA weights out) from the reference configs / checkpoints
 PUBLISHED = {
@@ -16,11 +16,11 @@ PUBLISHED = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(PUBLISHED))
-def test_published_shapes(variant):
-    bev, layers, levels, offsets, weights = PUBLISHED[variant]
+@pytest.mark.parametrize("model_name", sorted(PUBLISHED))
+def test_published_shapes(model_name):
+    bev, layers, levels, offsets, weights = PUBLISHED[model_name]
     with torch.device("meta"):
-        model = BEVFormer(BEVFORMER_CONFIGS[variant])
+        model = BEVFormer(BEVFORMER_CONFIGS[model_name])
     shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     assert shapes["bev_embedding.weight"] == (bev * bev, 256)
     assert shapes["query_embedding.weight"] == (900, 512)
@@ -51,11 +51,11 @@ def test_registry_counts_are_the_models():
     assert set(entries) == {"bevformer_cpu", *PUBLISHED}
     with torch.device("meta"):
         tiny = BEVFormerDetector("bevformer_tiny", class_names=None)
-    assert count_parameters(entries["bevformer_tiny"].config) == sum(p.numel() for p in tiny.parameters())
+    assert measure_parameters(entries["bevformer_tiny"].config) == sum(p.numel() for p in tiny.parameters())
 
 
-def test_bad_variant_and_fields():
-    with pytest.raises(ValueError, match="variant"):
+def test_bad_model_name_and_fields():
+    with pytest.raises(ValueError, match="model_name 'bevformer_huge'"):
         BEVFormerDetector("bevformer_huge")
-    with pytest.raises(ValueError, match="unknown fields"):
-        BEVFormerDetector(config={"bev_size": 3})
+    with pytest.raises(ValueError, match=r"model_kwargs has unknown fields \['bev_size'\]"):
+        BEVFormerDetector(model_kwargs={"bev_size": 3})

@@ -16,7 +16,7 @@ def make(seed: int = 0) -> tuple[BEVFormerDetector, BEVDetectionDataModule]:
     data = BEVDetectionDataModule(batch_size=4, class_names=CLASSES, queue_length=1, train_scenes=12,
                                   val_scenes=4, frames_per_scene=8, num_objects=24, seed=seed)  # fmt: skip
     model = BEVFormerDetector(
-        "bevformer_cpu", config={"num_query": 60, "decoder_layers": 2, "bev_h": 24, "bev_w": 24},
+        "bevformer_cpu", model_kwargs={"num_query": 60, "decoder_layers": 2, "bev_h": 24, "bev_w": 24},
         class_names=CLASSES, point_cloud_range=data.point_cloud_range, temporal=False,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
     )  # fmt: skip

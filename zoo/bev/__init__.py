@@ -1,7 +1,8 @@
 """BEVFormer: multi-camera 3D detection with spatial and temporal attention, in pure PyTorch (timm backbone).
 
 ``from zoo.bev import BEVFormer, BEVFORMER_CONFIGS`` gives the network; ``BEVFormerDetector`` the
-LightningModule; ``NuScenesDetectionMetric`` the nuScenes detection metrics.
+LightningModule; ``NuScenesDetectionMetric`` the nuScenes detection metrics; ``upgrade_checkpoint`` renames
+the hyper-parameters of checkpoints written before ``model_name`` / ``model_kwargs`` / ``img_size``.
 """
 
 from zoo.bev.backbone import FPN, CameraEncoder
@@ -13,6 +14,8 @@ from zoo.bev.head import DetectionHead, decode_boxes, encode_boxes, hungarian_ma
 from zoo.bev.metrics import NuScenesDetectionMetric
 from zoo.bev.model import BEVFORMER_CONFIGS, NUSCENES_CLASSES, BEVFormer, BEVFormerConfig
 from zoo.bev.module import BEVFormerDetector
+from zoo.bev.records import box_to_submission, draw_top_down
+from zoo.bev.upgrade import upgrade_checkpoint
 
 __all__ = [
     "BEVFORMER_CONFIGS",
@@ -32,9 +35,12 @@ __all__ = [
     "SpatialCrossAttention",
     "TemporalSelfAttention",
     "align_previous_bev",
+    "box_to_submission",
     "decode_boxes",
+    "draw_top_down",
     "encode_boxes",
     "hungarian_match",
     "multi_scale_deformable_attention",
     "project_to_cameras",
+    "upgrade_checkpoint",
 ]

@@ -208,7 +208,7 @@ class BEVEncoder(nn.Module):
         features: torch.Tensor,
         spatial_shapes: Sequence[tuple[int, int]],
         lidar2img: torch.Tensor,
-        image_size: tuple[int, int],
+        img_size: tuple[int, int],
         can_bus: torch.Tensor,
         prev_bev: torch.Tensor | None,
         prev_exists: torch.Tensor | None,
@@ -218,7 +218,7 @@ class BEVEncoder(nn.Module):
         device, dtype = bev_query.device, bev_query.dtype
         ref_2d = reference_points_2d(self.bev_h, self.bev_w, device, dtype)
         ref_3d = reference_points_3d(self.bev_h, self.bev_w, self.num_points_in_pillar, device)
-        ref_cam, visible = project_to_cameras(ref_3d, self.point_cloud_range, lidar2img, image_size)
+        ref_cam, visible = project_to_cameras(ref_3d, self.point_cloud_range, lidar2img, img_size)
         ref_cam = ref_cam.to(dtype)
         batch = bev_query.shape[0]
         if prev_bev is None:

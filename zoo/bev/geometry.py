@@ -38,7 +38,7 @@ def project_to_cameras(
     reference_3d: torch.Tensor,
     point_cloud_range: Sequence[float],
     lidar2img: torch.Tensor,
-    image_size: tuple[int, int],
+    img_size: tuple[int, int],
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Project the pillars' points into every camera of every sample.
@@ -46,7 +46,7 @@ def project_to_cameras(
     Args:
         reference_3d: (Q, Z, 3) normalised points.
         lidar2img: (B, N, 4, 4), per sample (calibrations may differ within a batch).
-        image_size: (H, W) of the images the matrices refer to.
+        img_size: (H, W) of the images the matrices refer to.
 
     Returns:
         ``(uv, visible)``: (B, N, Q, Z, 2) normalised image coordinates and (B, N, Q, Z) whether the point is
@@ -61,7 +61,7 @@ def project_to_cameras(
         cam = torch.einsum("bnij,qzj->bnqzi", lidar2img.float(), points)
         depth = cam[..., 2]
         uv = cam[..., :2] / depth.clamp(min=eps)[..., None]
-        uv = uv / torch.tensor([image_size[1], image_size[0]], dtype=torch.float32, device=uv.device)
+        uv = uv / torch.tensor([img_size[1], img_size[0]], dtype=torch.float32, device=uv.device)
         visible = (depth > eps) & (uv[..., 0] > 0) & (uv[..., 0] < 1) & (uv[..., 1] > 0) & (uv[..., 1] < 1)
     return torch.nan_to_num(uv), visible
 

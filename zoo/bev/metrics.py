@@ -27,7 +27,13 @@ import torch
 import torch.distributed as dist
 from torchmetrics import Metric
 
-__all__ = ["NUSCENES_CLASS_RANGES", "TP_METRICS", "NuScenesDetectionMetric", "default_attributes"]
+__all__ = [
+    "ATTRIBUTE_NAMES",
+    "NUSCENES_CLASS_RANGES",
+    "TP_METRICS",
+    "NuScenesDetectionMetric",
+    "default_attributes",
+]
 
 #: nuScenes detection eval radius per class (metres from the ego).
 NUSCENES_CLASS_RANGES = {
@@ -41,7 +47,8 @@ TP_METRICS = {
     "vel_err": "mAVE",
     "attr_err": "mAAE",
 }
-_ATTRIBUTES = (
+#: nuScenes attribute names; an attribute index (-1: none) points into this tuple.
+ATTRIBUTE_NAMES = (
     "cycle.with_rider", "cycle.without_rider", "pedestrian.moving", "pedestrian.sitting_lying_down",
     "pedestrian.standing", "vehicle.moving", "vehicle.parked", "vehicle.stopped",
 )  # fmt: skip
@@ -68,7 +75,7 @@ def default_attributes(labels: torch.Tensor, boxes: torch.Tensor, class_names: S
             attr = "pedestrian.moving" if moving else "pedestrian.standing"
         else:
             attr = None
-        out.append(_ATTRIBUTES.index(attr) if attr else -1)
+        out.append(ATTRIBUTE_NAMES.index(attr) if attr else -1)
     return torch.tensor(out, dtype=torch.long, device=labels.device)
 
 

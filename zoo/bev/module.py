@@ -6,24 +6,31 @@ from dataclasses import replace
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MetricCollection
 
 from zoo.base import ZooModule
 from zoo.bev.decoder import DetectionDecoderLayer
 from zoo.bev.encoder import BEVEncoderLayer
-from zoo.bev.metrics import NuScenesDetectionMetric
+from zoo.bev.metrics import ATTRIBUTE_NAMES, NuScenesDetectionMetric, default_attributes
 from zoo.bev.model import BEVFORMER_CONFIGS, NUSCENES_CLASSES, BEVFormer
+from zoo.bev.records import box_to_submission, draw_top_down
 from zoo.optim import WarmupCosineLR, weight_decay_groups
 
-__all__ = ["BEVFormerDetector"]
+__all__ = ["NETWORK_INPUTS", "BEVFormerDetector"]
+
+#: Batch entries ``forward`` takes, in order.
+NETWORK_INPUTS = ("images", "lidar2img", "can_bus", "prev_exists")
+#: Camera images of ``example_inputs``: the embedded scenes' size.
+EXAMPLE_IMG_SIZE = (64, 112)
 
 
 class BEVFormerDetector(ZooModule):
     """Multi-camera 3D detection with BEVFormer.
 
     Args:
-        variant: a key of ``zoo.bev.BEVFORMER_CONFIGS`` (``bevformer_tiny``/``small``/``base`` as published,
-            ``bevformer_cpu`` for the synthetic scenes).
-        config: overrides of the variant's ``BEVFormerConfig`` fields (``bev_h``, ``backbone``...).
+        model_name: a key of ``zoo.bev.BEVFORMER_CONFIGS`` (``bevformer_tiny``/``small``/``base`` as
+            published, ``bevformer_cpu`` for the synthetic scenes).
+        model_kwargs: overrides of the preset's ``BEVFormerConfig`` fields (``bev_h``, ``backbone``...).
         class_names: detection classes, linked from the data module; their number sets the head.
         point_cloud_range: BEV range in metres, linked from the data module.
         temporal: use the data's history frames (temporal self-attention over the previous BEV); False
@@ -34,11 +41,12 @@ class BEVFormerDetector(ZooModule):
     """
 
     sharding_units = (BEVEncoderLayer, DetectionDecoderLayer)
+    progress_bar_metrics = ("val/mAP", "val/NDS")
 
     def __init__(
         self,
-        variant: str = "bevformer_cpu",
-        config: dict | None = None,
+        model_name: str = "bevformer_cpu",
+        model_kwargs: dict | None = None,
         class_names: list[str] | None = None,
         point_cloud_range: list[float] | None = None,
         temporal: bool = True,
@@ -49,55 +57,77 @@ class BEVFormerDetector(ZooModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        if variant not in BEVFORMER_CONFIGS:
-            raise ValueError(f"variant {variant!r} is not one of {sorted(BEVFORMER_CONFIGS)}")
-        overrides = dict(config or {})
-        self.class_names = list(class_names or NUSCENES_CLASSES[: BEVFORMER_CONFIGS[variant].num_classes])
-        overrides["num_classes"] = len(self.class_names)
-        if point_cloud_range is not None:
-            overrides["point_cloud_range"] = tuple(float(v) for v in point_cloud_range)
-        unknown = set(overrides) - set(BEVFORMER_CONFIGS[variant].__dataclass_fields__)
+        if model_name not in BEVFORMER_CONFIGS:
+            raise ValueError(f"model_name {model_name!r} is not one of {sorted(BEVFORMER_CONFIGS)}")
+        unknown = set(model_kwargs or {}) - set(BEVFORMER_CONFIGS[model_name].__dataclass_fields__)
         if unknown:
-            raise ValueError(f"config has unknown fields {sorted(unknown)}")
+            raise ValueError(f"model_kwargs has unknown fields {sorted(unknown)}")
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+
+    # ------------------------------------------------------------------ hooks
+    def configure_models(self) -> None:
+        hp = self.hparams
+        preset = BEVFORMER_CONFIGS[hp.model_name]
+        self.class_names = list(hp.class_names or NUSCENES_CLASSES[: preset.num_classes])
+        overrides = {**(hp.model_kwargs or {}), "num_classes": len(self.class_names)}
+        if hp.point_cloud_range is not None:
+            overrides["point_cloud_range"] = tuple(float(v) for v in hp.point_cloud_range)
         if "out_indices" in overrides:
             overrides["out_indices"] = tuple(overrides["out_indices"])
-        self.model = BEVFormer(replace(BEVFORMER_CONFIGS[variant], **overrides))
-        self.temporal = temporal
-        self.backbone_lr_scale = backbone_lr_scale
-        self.max_detections, self.score_threshold = max_detections, score_threshold
+        self.model = BEVFormer(replace(preset, **overrides))
         pc = self.model.config.point_cloud_range
         self.post_center_range = (pc[0] - 10, pc[1] - 10, pc[2] - 5, pc[3] + 10, pc[4] + 10, pc[5] + 5)
-        self.val_metric = NuScenesDetectionMetric(self.class_names, class_ranges=class_ranges)
-        self.test_metric = NuScenesDetectionMetric(self.class_names, class_ranges=class_ranges)
+
+    def configure_metrics(self) -> MetricCollection:
+        """The nuScenes metrics, flattened by the base to ``<stage>/mAP``, ``<stage>/NDS``, ``<stage>/mATE``
+        ... ``<stage>/AP_<class>``; their states are not persistent, so checkpoints hold only the network."""
+        return MetricCollection(
+            {"nuscenes": NuScenesDetectionMetric(self.class_names, class_ranges=self.hparams.class_ranges)}
+        )
 
     # ----------------------------------------------------------------- forward
-    def _inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
-        images, lidar2img, can_bus, prev_exists = (
-            batch["images"], batch["lidar2img"], batch["can_bus"], batch["prev_exists"]
-        )  # fmt: skip
-        if not self.temporal:
-            images, lidar2img, can_bus = images[:, -1:], lidar2img[:, -1:], can_bus[:, -1:].clone()
-            prev_exists = torch.zeros_like(prev_exists[:, -1:])
-            can_bus[..., 0:3] = 0.0
-            can_bus[..., 17] = 0.0
-        return images, lidar2img, can_bus, prev_exists
+    def forward(
+        self, images: torch.Tensor, lidar2img: torch.Tensor, can_bus: torch.Tensor, prev_exists: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A queue of frames, the last one detected -> per decoder layer: class logits (B, Q, classes) and box
+        codes (B, Q, 10).
 
-    def forward(self, batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per decoder layer: class logits (B, Q, classes) and box codes (B, Q, 10)."""
-        return self.model(*self._inputs(batch))
+        ``images`` (B, T, cameras, 3, H, W), ``lidar2img`` (B, T, cameras, 4, 4), ``can_bus`` (B, T, 18),
+        ``prev_exists`` (B, T) bool; with ``temporal=False`` the history frames are dropped here.
+        """
+        if not self.hparams.temporal:
+            images, lidar2img, can_bus, prev_exists = _key_frame_only(images, lidar2img, can_bus, prev_exists)
+        return self.model(images, lidar2img, can_bus, prev_exists)
+
+    def example_inputs(self, batch_size: int = 2) -> tuple[torch.Tensor, ...]:
+        """``forward``'s inputs for ``batch_size`` samples of two frames (one history frame): 64 x 112 images
+        seen by the nuScenes camera rig, the ego 2 m further on in the key frame."""
+        from zoo.datamodules.bev_scenes import CAMERA_NAMES, nuscenes_rig
+
+        config, frames = self.model.config, 2
+        rig = nuscenes_rig(EXAMPLE_IMG_SIZE, CAMERA_NAMES[: config.num_cameras])
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, frames, len(rig.names), 3, *EXAMPLE_IMG_SIZE, generator=generator)
+        lidar2img = torch.from_numpy(rig.lidar2img).float().repeat(batch_size, frames, 1, 1, 1)
+        can_bus = torch.zeros(batch_size, frames, config.can_bus_dims)
+        can_bus[:, 1, 0] = 2.0
+        prev_exists = torch.tensor([[False, True]]).repeat(batch_size, 1)
+        return tuple(t.to(self.device) for t in (images, lidar2img, can_bus, prev_exists))
+
+    def _decode(self, logits: torch.Tensor, codes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        hp = self.hparams
+        return self.model.head.decode(
+            logits, codes, hp.max_detections, hp.score_threshold, self.post_center_range
+        )
 
     def predict(self, batch: dict) -> list[dict[str, torch.Tensor]]:
-        """Decoded boxes per sample: ``{"boxes" (K, 9), "scores", "labels"}`` in the ego frame."""
-        logits, codes = self(batch)
-        return self.model.head.decode(
-            logits[-1], codes[-1], self.max_detections, self.score_threshold, self.post_center_range
-        )
+        """Decoded boxes per sample: ``{"boxes" (K, 9), "scores", "labels"}`` in its LiDAR (ego) frame."""
+        logits, codes = self(*(batch[key] for key in NETWORK_INPUTS))
+        return self._decode(logits[-1], codes[-1])
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits, codes = self(batch)
+        logits, codes = self(*(batch[key] for key in NETWORK_INPUTS))
         losses = self.model.head.loss(logits, codes, batch["gt_boxes"], batch["gt_labels"])
         size = batch["images"].shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, sync_dist=True, batch_size=size)
@@ -105,45 +135,63 @@ class BEVFormerDetector(ZooModule):
                       batch_size=size)  # fmt: skip
         return losses["loss"]
 
-    def _evaluate(self, batch: dict, stage: str, metric: NuScenesDetectionMetric) -> None:
-        logits, codes = self(batch)
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        logits, codes = self(*(batch[key] for key in NETWORK_INPUTS))
         losses = self.model.head.loss(logits, codes, batch["gt_boxes"], batch["gt_labels"])
         self.log(f"{stage}/loss", losses["loss"], sync_dist=True, batch_size=batch["images"].shape[0])
-        preds = self.model.head.decode(
-            logits[-1], codes[-1], self.max_detections, self.score_threshold, self.post_center_range
-        )
         targets = [
             {"boxes": b, "labels": lab, "attributes": a}
             for b, lab, a in zip(batch["gt_boxes"], batch["gt_labels"], batch["gt_attributes"])
         ]
-        metric.update(preds, targets)
+        self.update_metrics(stage, self._decode(logits[-1], codes[-1]), targets)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metric)
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metric)
+        self._evaluate(batch, "test")
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, torch.Tensor]]:
-        return self.predict(batch)
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One record per sample, in the nuScenes detection submission format
+        (https://www.nuscenes.org/object-detection):
 
-    def _log_metric(self, stage: str, metric: NuScenesDetectionMetric) -> None:
-        results = metric.compute()
-        self.log(f"{stage}/mAP", results.pop("mAP"), prog_bar=True)
-        self.log(f"{stage}/NDS", results.pop("NDS"), prog_bar=True)
-        self.log_dict({f"{stage}/{k}": v for k, v in results.items()})
-        metric.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metric("val", self.val_metric)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metric("test", self.test_metric)
+        - ``"id"``: the sample token (info files) or ``<split>_scene<k>_frame<f>`` (embedded scenes);
+        - ``"boxes"``: one dict per detection, ``{"sample_token", "translation": [x, y, z], "size": [w, l, h],
+          "rotation": [w, x, y, z] quaternion, "velocity": [vx, vy], "detection_name", "detection_score",
+          "attribute_name"}``, translation/rotation/velocity in the global frame: the head predicts in the
+          sample's LiDAR frame (the ego frame for the embedded scenes) and the batch's ``lidar2global`` pose
+          moves each box (the embedded scenes' global frame is their world; info files without an ego pose
+          leave the boxes in the LiDAR frame). The attribute follows the speed (``default_attributes``);
+        - ``"top_down"``: a ``PIL.Image`` of the BEV range, predictions filled in their class colour with
+          opacity = score, ground truth outlined (``zoo.bev.records.draw_top_down``).
+        """
+        records = []
+        for n, pred in enumerate(self.predict(batch)):
+            boxes, labels, scores = pred["boxes"].cpu(), pred["labels"].cpu(), pred["scores"].cpu()
+            attributes = default_attributes(labels, boxes, self.class_names).tolist()
+            token, pose = batch["token"][n], batch["lidar2global"][n].cpu().double().numpy()
+            detections = [
+                {
+                    "sample_token": token,
+                    **box_to_submission(box.tolist(), pose),
+                    "detection_name": self.class_names[label],
+                    "detection_score": score,
+                    "attribute_name": ATTRIBUTE_NAMES[attribute] if attribute >= 0 else "",
+                }
+                for box, label, score, attribute in zip(boxes, labels.tolist(), scores.tolist(), attributes)
+            ]
+            top_down = draw_top_down(
+                boxes.numpy(), labels.tolist(), scores.tolist(), batch["gt_boxes"][n].cpu().numpy(),
+                batch["gt_labels"][n].tolist(), self.class_names, self.model.config.point_cloud_range,
+            )  # fmt: skip
+            records.append({"id": token, "boxes": detections, "top_down": top_down})
+        return records
 
     # --------------------------------------------------------------- optimizer
     def parameter_groups(self) -> list[dict]:
         groups = weight_decay_groups(self)
-        if self.backbone_lr_scale == 1.0:
+        scale = self.hparams.backbone_lr_scale
+        if scale == 1.0:
             return groups
         backbone = {id(p) for p in self.model.camera_encoder.backbone.parameters()}
         split = []
@@ -154,5 +202,15 @@ class BEVFormerDetector(ZooModule):
             if outside:
                 split.append({**extra, "params": outside})
             if inside:
-                split.append({**extra, "params": inside, "lr_scale": self.backbone_lr_scale})
+                split.append({**extra, "params": inside, "lr_scale": scale})
         return split
+
+
+def _key_frame_only(
+    images: torch.Tensor, lidar2img: torch.Tensor, can_bus: torch.Tensor, prev_exists: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The last frame of each queue, as a first frame: no history, zero ego-motion deltas."""
+    can_bus = can_bus[:, -1:].clone()
+    can_bus[..., 0:3] = 0.0
+    can_bus[..., 17] = 0.0
+    return images[:, -1:], lidar2img[:, -1:], can_bus, torch.zeros_like(prev_exists[:, -1:])
