@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,7 +127,7 @@ def devkit(monkeypatch):
         sys.modules.pop(name, None)
 
 
-def random_scene(rng, classes, count, noise=None):
+def random_scene(rng, classes, count):
     boxes = []
     for _ in range(count):
         w, l, h = rng.uniform(0.4, 3.0, size=3)  # noqa: E741
@@ -134,30 +136,13 @@ def random_scene(rng, classes, count, noise=None):
     return np.array(boxes).reshape(-1, 9), rng.integers(len(classes), size=count)
 
 
-def test_agrees_with_the_nuscenes_devkit(devkit):
+def comparison_scenes(classes: list[str]) -> list[dict]:
+    """Six seeded samples: jittered copies of most ground-truth boxes plus false positives, with an exact
+    duplicate (a tie in score order) and rounded scores (ties between different boxes too)."""
     rng = np.random.default_rng(0)
-    classes = list(devkit.constants.DETECTION_NAMES)
-    from zoo.bev.metrics import ATTRIBUTE_NAMES as attributes  # indices are ours; the devkit sees the names
-
-    assert set(attributes) == set(devkit.constants.ATTRIBUTE_NAMES)
-    gt_boxes, pred_boxes = devkit.common.EvalBoxes(), devkit.common.EvalBoxes()
-    metric = NuScenesDetectionMetric(classes, class_ranges={c: 1e9 for c in classes})
-
-    def to_devkit(token, boxes, labels, attrs, scores=None):
-        out = []
-        for n, b in enumerate(boxes):
-            out.append(devkit.data.DetectionBox(
-                sample_token=token, translation=tuple(b[:3]), size=tuple(b[3:6]),
-                rotation=(math.cos(b[6] / 2), 0.0, 0.0, math.sin(b[6] / 2)), velocity=tuple(b[7:9]),
-                ego_translation=tuple(b[:3]), detection_name=classes[labels[n]],
-                detection_score=-1.0 if scores is None else float(scores[n]),
-                attribute_name="" if attrs[n] < 0 else attributes[attrs[n]],
-            ))  # fmt: skip
-        return out
-
+    scenes = []
     for s in range(6):
         boxes, labels = random_scene(rng, classes, 25)
-        # predictions: jittered copies of most ground truth boxes, plus false positives
         keep = rng.uniform(size=len(boxes)) < 0.8
         jitter = np.concatenate([rng.normal(0, 0.8, (len(boxes), 2)), rng.normal(0, 0.2, (len(boxes), 7))], 1)
         noisy = boxes + jitter
@@ -166,20 +151,53 @@ def test_agrees_with_the_nuscenes_devkit(devkit):
         p_boxes = np.concatenate([noisy[keep], extra])
         p_labels = np.concatenate([labels[keep], extra_labels])
         if s == 0:
-            p_boxes[1], p_labels[1] = p_boxes[0], p_labels[0]  # an exact duplicate: a tie in score order
-        scores = rng.uniform(size=len(p_boxes)).round(2)  # rounded: ties between different boxes too
+            p_boxes[1], p_labels[1] = p_boxes[0], p_labels[0]
+        scores = rng.uniform(size=len(p_boxes)).round(2)
         gt_attrs = default_attributes(torch.from_numpy(labels), torch.from_numpy(boxes), classes).numpy()
-        p_attrs = rng.choice([-1, 0, 1, 2, 4, 5, 6, 7], size=len(p_boxes))
-        p_attrs = np.maximum(p_attrs, 0)  # arbitrary predicted attributes: some right, some wrong
-        token = f"sample{s}"
-        gt_boxes.add_boxes(token, to_devkit(token, boxes, labels, gt_attrs))
-        pred_boxes.add_boxes(token, to_devkit(token, p_boxes, p_labels, p_attrs, scores))
+        p_attrs = np.maximum(
+            rng.choice([-1, 0, 1, 2, 4, 5, 6, 7], size=len(p_boxes)), 0
+        )  # some right, some wrong
+        scenes.append(
+            {
+                "token": f"sample{s}",
+                "gt": (boxes, labels, gt_attrs),
+                "pred": (p_boxes, p_labels, p_attrs, scores),
+            }
+        )
+    return scenes  # fmt: skip
+
+
+def zoo_metrics(classes: list[str]) -> dict[str, float]:
+    metric = NuScenesDetectionMetric(classes, class_ranges={c: 1e9 for c in classes})
+    for scene in comparison_scenes(classes):
+        (boxes, labels, attrs), (p_boxes, p_labels, p_attrs, scores) = scene["gt"], scene["pred"]
         metric.update(
             [{"boxes": torch.from_numpy(p_boxes), "labels": torch.from_numpy(p_labels),
               "scores": torch.from_numpy(scores), "attributes": torch.from_numpy(p_attrs)}],
-            [{"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "attributes": torch.from_numpy(gt_attrs)}],
+            [{"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "attributes": torch.from_numpy(attrs)}],
         )  # fmt: skip
+    return {k: float(v) for k, v in metric.compute().items()}
 
+
+def devkit_metrics(devkit, classes: list[str]) -> dict[str, float]:
+    """The devkit's own accumulate / calc_ap / calc_tp on the comparison scenes, named as the zoo names them."""
+    from zoo.bev.metrics import ATTRIBUTE_NAMES as attributes  # indices are ours; the devkit sees the names
+
+    assert set(attributes) == set(devkit.constants.ATTRIBUTE_NAMES)
+    gt_boxes, pred_boxes = devkit.common.EvalBoxes(), devkit.common.EvalBoxes()
+
+    def to_devkit(token, boxes, labels, attrs, scores=None):
+        return [devkit.data.DetectionBox(
+            sample_token=token, translation=tuple(b[:3]), size=tuple(b[3:6]),
+            rotation=(math.cos(b[6] / 2), 0.0, 0.0, math.sin(b[6] / 2)), velocity=tuple(b[7:9]),
+            ego_translation=tuple(b[:3]), detection_name=classes[labels[n]],
+            detection_score=-1.0 if scores is None else float(scores[n]),
+            attribute_name="" if attrs[n] < 0 else attributes[attrs[n]],
+        ) for n, b in enumerate(boxes)]  # fmt: skip
+
+    for scene in comparison_scenes(classes):
+        gt_boxes.add_boxes(scene["token"], to_devkit(scene["token"], *scene["gt"]))
+        pred_boxes.add_boxes(scene["token"], to_devkit(scene["token"], *scene["pred"]))
     config = devkit.data.DetectionConfig(
         class_range={c: 1e9 for c in classes}, dist_fcn="center_distance", dist_ths=[0.5, 1.0, 2.0, 4.0],
         dist_th_tp=2.0, min_recall=0.1, min_precision=0.1, max_boxes_per_sample=500, mean_ap_weight=5,
@@ -193,24 +211,55 @@ def test_agrees_with_the_nuscenes_devkit(devkit):
             metrics.add_label_ap(name, th, devkit.algo.calc_ap(md, 0.1, 0.1))
         md = devkit.algo.accumulate(gt_boxes, pred_boxes, name, center_distance, 2.0)
         for key in ("trans_err", "vel_err", "scale_err", "orient_err", "attr_err"):
-            if (name == "traffic_cone" and key in ("attr_err", "vel_err", "orient_err")) or (
+            excluded = (name == "traffic_cone" and key in ("attr_err", "vel_err", "orient_err")) or (
                 name == "barrier" and key in ("attr_err", "vel_err")
-            ):
-                value = np.nan
-            else:
-                value = devkit.algo.calc_tp(md, 0.1, key)
-            metrics.add_label_tp(name, key, value)
-    ours = metric.compute()
-    assert ours["mAP"].item() == pytest.approx(metrics.mean_ap, abs=1e-6)
-    assert 0.05 < metrics.mean_ap < 0.95  # a non-trivial case
-    for name in classes:
-        assert ours[f"AP_{name}"].item() == pytest.approx(metrics.mean_dist_aps[name], abs=1e-6)
-    for key, short in (
-        ("trans_err", "mATE"),
-        ("scale_err", "mASE"),
-        ("orient_err", "mAOE"),
-        ("vel_err", "mAVE"),
-        ("attr_err", "mAAE"),
-    ):
-        assert ours[short].item() == pytest.approx(metrics.tp_errors[key], abs=1e-5)
-    assert ours["NDS"].item() == pytest.approx(metrics.nd_score, abs=1e-6)
+            )
+            metrics.add_label_tp(name, key, np.nan if excluded else devkit.algo.calc_tp(md, 0.1, key))
+    values = {"mAP": metrics.mean_ap, "NDS": metrics.nd_score}
+    values.update({f"AP_{name}": metrics.mean_dist_aps[name] for name in classes})
+    values.update({short: metrics.tp_errors[key] for key, short in TP_NAMES.items()})
+    return {k: float(v) for k, v in values.items()}
+
+
+TP_NAMES = {
+    "trans_err": "mATE",
+    "scale_err": "mASE",
+    "orient_err": "mAOE",
+    "vel_err": "mAVE",
+    "attr_err": "mAAE",
+}
+#: The devkit's values on the comparison scenes (nuscenes-devkit 1.2.0), pinned so that CI compares against them
+#: without the devkit, whose numpy<2 pin the zoo's environment cannot satisfy. Regenerate with
+#: ``pip install --no-deps --target /tmp/nusc nuscenes-devkit pyquaternion`` and
+#: ``PYTHONPATH=/tmp/nusc python -m tests.bev.test_metrics``.
+DEVKIT_REFERENCE = Path(__file__).with_name("devkit_reference.json")
+
+
+def test_agrees_with_the_pinned_nuscenes_devkit_values():
+    reference = json.loads(DEVKIT_REFERENCE.read_text())
+    ours = zoo_metrics(reference["classes"])
+    assert 0.05 < reference["metrics"]["mAP"] < 0.95  # a non-trivial case
+    for name, value in reference["metrics"].items():
+        assert ours[name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_agrees_with_the_installed_nuscenes_devkit(devkit):
+    classes = list(devkit.constants.DETECTION_NAMES)
+    live, ours = devkit_metrics(devkit, classes), zoo_metrics(classes)
+    for name, value in live.items():
+        assert ours[name] == pytest.approx(value, abs=1e-5), name
+    assert json.loads(DEVKIT_REFERENCE.read_text()) == {"classes": classes, "metrics": live}
+
+
+if __name__ == "__main__":  # regenerate the pinned reference with the devkit on the path
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        modules = next(devkit.__wrapped__(patch))
+        names = list(modules.constants.DETECTION_NAMES)
+        payload = {"classes": names, "metrics": devkit_metrics(modules, names)}
+    DEVKIT_REFERENCE.write_text(json.dumps(payload, indent=1) + "\n")
+    print(
+        f"wrote {DEVKIT_REFERENCE}: mAP {payload['metrics']['mAP']:.4f}, NDS {payload['metrics']['NDS']:.4f}"
+    )
