@@ -12,7 +12,8 @@ Sources:
   GRAVY (sequence regression) or membrane-spanning residues (residue classification).
 
 Labelled sets are small, so they are read into memory in ``__init__`` (which also gives
-``num_classes``, linked into the model by the CLI). Every problem names the file and line.
+``num_classes`` and the class names, linked into the model by the CLI). Every problem names the file and
+line. ``predict`` runs on the test split, or on every record of an unlabelled FASTA file (``predict_path``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from zoo.datamodules.proteins import ProteinLoaders, embedded_fasta, select_records, split_by_id
+from zoo.base import IGNORE_INDEX
+from zoo.datamodules.proteins import (
+    ProteinDataset,
+    ProteinLoaders,
+    embedded_fasta,
+    open_usable,
+    select_records,
+    split_by_id,
+)
 from zoo.protein.alphabet import Alphabet
 from zoo.protein.fasta import ALLOWED, FastaIndex, clean_sequence, id_hash, invalid_residue
 from zoo.protein.properties import gravy, is_membrane_protein, transmembrane_residues
@@ -33,7 +42,6 @@ from zoo.protein.properties import gravy, is_membrane_protein, transmembrane_res
 __all__ = ["TASKS", "LabeledProteinDataset", "ProteinLabelDataModule", "read_labeled_proteins"]
 
 TASKS = ("sequence-classification", "sequence-regression", "residue-classification")
-IGNORE_INDEX = -100
 #: the class names of the labels derived for the embedded proteins, per task
 DERIVED_CLASSES = {
     "sequence-classification": ["soluble", "membrane"],
@@ -159,7 +167,8 @@ class LabeledProteinDataset(Dataset):
 
 
 class LabeledProteinCollate:
-    """Adds ``labels``: (B,) int64 classes or float32 values, or (B, T) int64 with -100 off-residue."""
+    """Adds ``labels``: (B,) int64 classes or float32 values, or (B, T) int64 with -100 off-residue; examples
+    without a label (prediction inputs) give ``{"tokens", "ids"}`` alone."""
 
     def __init__(self, alphabet: Alphabet, task: str) -> None:
         self.converter = alphabet.get_batch_converter()
@@ -167,6 +176,8 @@ class LabeledProteinCollate:
 
     def __call__(self, examples: list[dict]) -> dict:
         ids, _, tokens = self.converter([(e["id"], e["sequence"]) for e in examples])
+        if "label" not in examples[0]:
+            return {"tokens": tokens, "ids": ids}
         if self.task == "residue-classification":
             labels = torch.full(tokens.shape, IGNORE_INDEX, dtype=torch.int64)
             for row, example in enumerate(examples):
@@ -189,10 +200,12 @@ class ProteinLabelDataModule(ProteinLoaders):
             per-residue labels). A label outside a given list is an error naming its line.
         batch_size / max_tokens / max_length / val_fraction / test_fraction / seed: as
             ``ProteinDataModule``.
+        predict_path: an unlabelled FASTA file whose every record ``predict`` runs on (cut to
+            ``max_length``); by default ``predict`` runs on the test split.
     """
 
     #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
-    model_links: ClassVar[dict[str, str]] = {"num_classes": "num_classes"}
+    model_links: ClassVar[dict[str, str]] = {"num_classes": "num_classes", "classes": "class_names"}
 
     def __init__(
         self,
@@ -210,6 +223,7 @@ class ProteinLabelDataModule(ProteinLoaders):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
+        predict_path: str | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -218,7 +232,10 @@ class ProteinLabelDataModule(ProteinLoaders):
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if max_tokens is not None and max_tokens < max_length + 2:
             raise ValueError(f"max_tokens={max_tokens} must be >= max_length + 2 = {max_length + 2}")
+        if predict_path is not None and not Path(predict_path).is_file():
+            raise FileNotFoundError(f"FASTA file {predict_path!r} does not exist")
         self.task = task
+        self.predict_set: ProteinDataset | None = None
         if file is None:
             rows = _derived_rows(task)
             classes = classes or DERIVED_CLASSES.get(task)
@@ -255,9 +272,14 @@ class ProteinLabelDataModule(ProteinLoaders):
         return list(classes), labels
 
     def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage == "predict" and hp.predict_path is not None:
+            if self.predict_set is None:
+                index, usable, _ = open_usable(Path(hp.predict_path), None, "error", 1.0)
+                self.predict_set = ProteinDataset(index, usable, hp.max_length, crop=False)
+            return
         if self.train_set is not None:
             return
-        hp = self.hparams
         hashes = np.asarray([id_hash(i.encode()) for i in self.ids], dtype=np.uint64)
         splits = split_by_id(hashes, np.arange(len(self.ids)), hp.seed, hp.val_fraction, hp.test_fraction)
         per_residue = self.task == "residue-classification"
@@ -276,3 +298,8 @@ class ProteinLabelDataModule(ProteinLoaders):
         self.train_set = subset(splits[0], crop=True)
         self.val_set = subset(splits[1], crop=False)
         self.test_set = subset(splits[2], crop=False) if len(splits[2]) else self.val_set
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(
+            self.predict_set if self.predict_set is not None else self.test_set, shuffle=False
+        )

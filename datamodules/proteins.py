@@ -12,6 +12,9 @@ are left out and counted. Records that are mostly ``X`` (assembly gaps, not prot
 ``max_unknown_fraction``. Splits are fixed by record id and seed (``split_by_id``), so they do not
 move when the file is reordered.
 
+``predict`` runs on every usable record of ``predict_path`` (a user's FASTA file, not split), or on one
+split of the training data (``predict_split``).
+
 Batches are ``{"tokens": (B, T) int64, "ids": [...]}`` (plus ``"contacts"`` (B, T-2, T-2), -1 where
 unknown, when contact maps are given), either ``batch_size`` sequences or, with ``max_tokens``,
 as many length-sorted sequences as fit in a padded token budget (``TokenBudgetBatchSampler``).
@@ -41,6 +44,7 @@ __all__ = [
     "ProteinDataset",
     "TokenBudgetBatchSampler",
     "embedded_fasta",
+    "open_usable",
     "split_by_id",
 ]
 
@@ -287,6 +291,21 @@ def select_records(
     return np.flatnonzero(~bad & ~unknown), dict(skipped)
 
 
+def open_usable(
+    path: Path, index_dir: str | None, on_invalid: str, max_unknown_fraction: float
+) -> tuple[FastaIndex, np.ndarray, dict[str, int]]:
+    """The FASTA file's index, its usable records, and how many were left out for each reason
+    (``select_records``; logged)."""
+    index = FastaIndex.open(path, index_dir)
+    usable, skipped = select_records(index, on_invalid, max_unknown_fraction)
+    if skipped:
+        counts = ", ".join(f"{n} {why}" for why, n in skipped.items())
+        rank_zero_info(f"{path}: left out {sum(skipped.values())} records ({counts})")
+    if len(usable) == 0:
+        raise ValueError(f"{path}: no usable records left")
+    return index, usable, skipped
+
+
 class ProteinDataModule(ProteinLoaders):
     """ESM-tokenised proteins for masked-LM training, split train/val/test by id and seed.
 
@@ -301,8 +320,11 @@ class ProteinDataModule(ProteinLoaders):
         max_unknown_fraction: records with more ``X`` than this share are left out (counted).
         contacts: contact maps for evaluation (``.npz`` keyed by id or a folder of ``<id>.npy``);
             validation then reports contact precision.
-        index_dir: where the FASTA index is cached (default: beside the file, else ~/.cache).
-        predict_split: which records ``predict`` runs on; ``"all"`` is every usable record.
+        index_dir: where the FASTA indexes are cached (default: beside each file, else ~/.cache).
+        predict_path: a FASTA file (plain or gzip) whose every usable record ``predict`` runs on, e.g. the
+            proteins to embed with a trained model; the same checks and ``max_length`` cut as the data.
+        predict_split: without ``predict_path``, which records of the data ``predict`` runs on;
+            ``"all"`` is every usable record.
     """
 
     def __init__(
@@ -318,6 +340,7 @@ class ProteinDataModule(ProteinLoaders):
         max_unknown_fraction: float = 0.5,
         contacts: str | None = None,
         index_dir: str | None = None,
+        predict_path: str | None = None,
         predict_split: Literal["all", "train", "val", "test"] = "all",
         num_workers: int = 0,
     ) -> None:
@@ -333,6 +356,8 @@ class ProteinDataModule(ProteinLoaders):
             raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
         if fasta is not None and not Path(fasta).is_file():
             raise FileNotFoundError(f"FASTA file {fasta!r} does not exist")
+        if predict_path is not None and not Path(predict_path).is_file():
+            raise FileNotFoundError(f"FASTA file {predict_path!r} does not exist")
         if contacts is not None and not Path(contacts).exists():
             raise FileNotFoundError(f"contact maps {contacts!r} do not exist")
         self.alphabet = Alphabet()
@@ -346,16 +371,18 @@ class ProteinDataModule(ProteinLoaders):
         return Path(self.hparams.fasta) if self.hparams.fasta is not None else embedded_fasta()
 
     def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage == "predict" and hp.predict_path is not None:
+            if self.predict_set is None:
+                path = Path(hp.predict_path)
+                index, usable, _ = open_usable(path, hp.index_dir, hp.on_invalid, hp.max_unknown_fraction)
+                self.predict_set = ProteinDataset(index, usable, hp.max_length, crop=False)
+            return
         if self.index is not None:
             return
-        hp = self.hparams
-        index = FastaIndex.open(self.source, hp.index_dir)
-        usable, self.skipped = select_records(index, hp.on_invalid, hp.max_unknown_fraction)
-        if self.skipped:
-            counts = ", ".join(f"{n} {why}" for why, n in self.skipped.items())
-            rank_zero_info(f"{self.source}: left out {sum(self.skipped.values())} records ({counts})")
-        if len(usable) == 0:
-            raise ValueError(f"{self.source}: no usable records left")
+        index, usable, self.skipped = open_usable(
+            self.source, hp.index_dir, hp.on_invalid, hp.max_unknown_fraction
+        )
         train, val, test = split_by_id(index.id_hash, usable, hp.seed, hp.val_fraction, hp.test_fraction)
         contacts = ContactMaps(hp.contacts) if hp.contacts is not None else None
         if contacts is not None and not any(index.record_id(int(i)) in contacts for i in val):
@@ -367,8 +394,9 @@ class ProteinDataModule(ProteinLoaders):
             if len(test)
             else self.val_set
         )
-        chosen = {"all": usable, "train": train, "val": val, "test": test}[hp.predict_split]
-        self.predict_set = ProteinDataset(index, chosen, hp.max_length, crop=False)
+        if hp.predict_path is None:
+            chosen = {"all": usable, "train": train, "val": val, "test": test}[hp.predict_split]
+            self.predict_set = ProteinDataset(index, chosen, hp.max_length, crop=False)
         self.index = index
 
     def predict_dataloader(self) -> DataLoader:

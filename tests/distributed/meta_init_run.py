@@ -45,7 +45,7 @@ def main() -> None:
     out, size = Path(sys.argv[1]), sys.argv[2]
     L.seed_everything(0)
     with empty_parameters():
-        model = ESM2MaskedLM(size=size)
+        model = ESM2MaskedLM(model_name=size)
     assert all(p.is_meta for p in model.parameters()), "parameters were allocated"
     measure = Measure()
     trainer = L.Trainer(

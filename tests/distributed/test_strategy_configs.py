@@ -124,8 +124,8 @@ def test_activation_checkpointing_keeps_outputs_and_gradients():
     from zoo.protein import ESM2MaskedLM
 
     torch.manual_seed(0)
-    plain = ESM2MaskedLM(num_layers=2, embed_dim=32, attention_heads=4)
-    checkpointed = ESM2MaskedLM(num_layers=2, embed_dim=32, attention_heads=4)
+    plain = ESM2MaskedLM(model_kwargs={"num_layers": 2, "embed_dim": 32, "attention_heads": 4})
+    checkpointed = ESM2MaskedLM(model_kwargs={"num_layers": 2, "embed_dim": 32, "attention_heads": 4})
     checkpointed.load_state_dict(plain.state_dict())
     assert apply_activation_checkpointing(checkpointed, (ESM2Layer,)) == 2
     assert checkpointed.state_dict().keys() == plain.state_dict().keys()  # checkpoints stay loadable

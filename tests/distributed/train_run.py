@@ -199,9 +199,8 @@ def build_model(family: str, fixed_masks: bool):
             num_classes=12, context_dim=16, condition_dropout=0.0, optimizer=optimizer, lr_scheduler=scheduler,
         ), NoisedImageSet  # fmt: skip
     cls = FixedMaskESM2 if fixed_masks else ESM2MaskedLM
-    return cls(
-        num_layers=2, embed_dim=32, attention_heads=4, optimizer=optimizer, lr_scheduler=scheduler
-    ), ProteinSet
+    architecture = {"num_layers": 2, "embed_dim": 32, "attention_heads": 4}
+    return cls(model_kwargs=architecture, optimizer=optimizer, lr_scheduler=scheduler), ProteinSet
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from lightning.pytorch import Trainer
 
 from zoo.datamodules.proteins import ProteinDataModule
 from zoo.protein import ContactPrecision, ESM2MaskedLM
+from zoo.protein.backbone import residue_lengths
 from zoo.protein.metrics import CONTACT_RANGES
 
 
@@ -80,12 +81,21 @@ def test_validation_reports_contact_precision_when_the_data_has_contacts(tmp_pat
         val_fraction=0.5,
         test_fraction=0.0,
     )
-    model = ESM2MaskedLM(num_layers=2, embed_dim=32, attention_heads=2)
+    model = ESM2MaskedLM(model_kwargs={"num_layers": 2, "embed_dim": 32, "attention_heads": 2})
     trainer = Trainer(
         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
     )
     metrics = trainer.validate(model, data, verbose=False)[0]
-    for name in CONTACT_RANGES:
-        for key in ("L", "L5"):
-            assert 0 <= metrics[f"val/contact_P@{key}_{name}"] <= 1
+    reference = ContactPrecision()  # the same sequences, straight through the metric
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            tokens = batch["tokens"]
+            predicted = model.model(tokens, return_contacts=True)["contacts"]
+            reference.update(predicted, batch["contacts"], residue_lengths(tokens, model.alphabet))
+    expected = reference.compute()
+    assert len(expected) == 2 * len(CONTACT_RANGES)
+    for key, value in expected.items():
+        assert metrics[f"val/contact_{key}"] == pytest.approx(value.item())
     assert "val/perplexity" in metrics
+    tested = trainer.test(model, data, verbose=False)[0]
+    assert {f"test/contact_{key}" for key in expected} <= set(tested)

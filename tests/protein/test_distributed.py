@@ -47,7 +47,7 @@ def test_token_budget_batches_are_sharded_across_ddp_ranks(tmp_path):
         callbacks=[RecordBatches(tmp_path)],
         default_root_dir=tmp_path,
     )
-    model = ESM2MaskedLM(num_layers=1, embed_dim=16, attention_heads=2)
+    model = ESM2MaskedLM(model_kwargs={"num_layers": 1, "embed_dim": 16, "attention_heads": 2})
     trainer.fit(model, ProteinDataModule(max_tokens=1024, max_length=126))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["placement"][1:] for r in ranks] == [[0, 2], [1, 2]]  # rank, world from Lightning's sampler

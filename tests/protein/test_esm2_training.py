@@ -41,7 +41,7 @@ def test_at_least_one_position_is_masked():
 
 
 def test_fit_and_validate_tiny(tmp_path):
-    model = ESM2MaskedLM(**TINY)
+    model = ESM2MaskedLM(model_kwargs=TINY)
     data = ProteinDataModule(batch_size=8, max_length=30)
     trainer = Trainer(
         max_epochs=1,
@@ -56,12 +56,24 @@ def test_fit_and_validate_tiny(tmp_path):
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["val/loss"]) and metrics["val/perplexity"] > 1
     batch = next(iter(data.val_dataloader()))
-    prediction = model.predict_step(batch, 0)
-    assert prediction["embeddings"].shape == (len(batch["ids"]), 32) and prediction["ids"] == batch["ids"]
+    records = model.predict_step(batch, 0)
+    assert [r["id"] for r in records] == batch["ids"]
+    assert all(set(r) == {"id", "embedding"} and r["embedding"].shape == (32,) for r in records)
+
+
+def test_example_inputs_are_framed_residue_tokens():
+    model = ESM2MaskedLM(model_kwargs=TINY).eval()
+    (tokens,) = model.example_inputs(batch_size=3)
+    alphabet = model.alphabet
+    assert tokens.dtype == torch.int64 and tokens.shape[0] == 3
+    assert (tokens[:, 0] == alphabet.cls_idx).all() and (tokens[:, -1] == alphabet.eos_idx).all()
+    assert torch.isin(tokens[:, 1:-1], torch.tensor(alphabet.amino_acid_ids)).all()
+    with torch.no_grad():
+        assert model(*model.example_inputs()).shape == (2, tokens.shape[1], len(alphabet))
 
 
 def test_pretrained_checkpoint_is_loaded(tmp_path):
-    source = ESM2MaskedLM(**TINY).model
+    source = ESM2MaskedLM(model_kwargs=TINY).model
     path = source.save_pretrained(tmp_path / "esm2_tiny.pt")
     model = ESM2MaskedLM(pretrained=str(path))
     assert torch.equal(model.model.embed_tokens.weight, source.embed_tokens.weight)
@@ -79,9 +91,7 @@ def test_config_runs_through_zoo_cli(tmp_path):
             str(CONFIG),
             "--trainer.fast_dev_run=2",
             f"--trainer.default_root_dir={tmp_path}",
-            "--model.init_args.num_layers=1",
-            "--model.init_args.embed_dim=32",
-            "--model.init_args.attention_heads=2",
+            "--model.init_args.model_kwargs={num_layers: 1, embed_dim: 32, attention_heads: 2}",
             "--data.init_args.max_tokens=256",
             "--data.init_args.max_length=62",
         ]
@@ -97,9 +107,7 @@ def test_validation_perplexity_falls_on_the_embedded_real_proteins(tmp_path):
 
     torch.manual_seed(0)
     model = ESM2MaskedLM(
-        num_layers=2,
-        embed_dim=64,
-        attention_heads=4,
+        model_kwargs={"num_layers": 2, "embed_dim": 64, "attention_heads": 4},
         optimizer=partial(torch.optim.AdamW, lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01),
         lr_scheduler=None,
     )

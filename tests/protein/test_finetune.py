@@ -40,15 +40,20 @@ def test_sequence_classifier_on_embedded_membrane_labels(tmp_path):
     data = ProteinLabelDataModule(max_tokens=2048, max_length=254)
     assert data.classes == ["soluble", "membrane"] and data.num_classes == 2
     assert sum(data.labels) == 639 and len(data.labels) == 2086
-    model = ESM2SequencePredictor(num_classes=data.num_classes, **TINY)
+    model = ESM2SequencePredictor(num_classes=data.num_classes, class_names=data.classes, model_kwargs=TINY)
     trainer = _trainer(tmp_path)
     trainer.fit(model, data)
     metrics = trainer.callback_metrics
     assert {"val/acc", "val/f1", "val/loss"} <= set(metrics)
     batch = next(iter(data.val_dataloader()))
-    out = model.predict_step(batch, 0)
-    assert out["predictions"].shape == (len(batch["ids"]), 2)
-    assert torch.allclose(out["predictions"].sum(-1), torch.ones(len(batch["ids"])))
+    records = model.predict_step(batch, 0)
+    assert [r["id"] for r in records] == batch["ids"]
+    for record in records:
+        probabilities = record["probabilities"]
+        assert list(probabilities) == ["soluble", "membrane"] and sum(
+            probabilities.values()
+        ) == pytest.approx(1)
+        assert record["label"] == max(probabilities, key=probabilities.get)
 
 
 def test_sequence_regression_from_csv(tmp_path):
@@ -56,10 +61,16 @@ def test_sequence_regression_from_csv(tmp_path):
     rows = ["id,sequence,label"] + [f"s{i},{'MKTAYIAKQR'[: 3 + i % 7]}GG,{i / 10}" for i in range(20)]
     path.write_text("\n".join(rows) + "\n")
     data = ProteinLabelDataModule(file=str(path), task="sequence-regression", batch_size=4)
-    model = ESM2SequencePredictor(task="sequence-regression", **TINY)
+    model = ESM2SequencePredictor(task="sequence-regression", model_kwargs=TINY)
     trainer = _trainer(tmp_path)
     trainer.fit(model, data)
     assert {"val/mse", "val/loss"} <= set(trainer.callback_metrics)
+    batch = next(iter(data.val_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        values = model(batch["tokens"]).tolist()
+    records = model.predict_step(batch, 0)
+    assert records == [{"id": i, "label": pytest.approx(v)} for i, v in zip(batch["ids"], values)]
 
 
 def test_residue_classifier_from_tsv_keeps_labels_aligned(tmp_path):
@@ -76,12 +87,48 @@ def test_residue_classifier_from_tsv_keeps_labels_aligned(tmp_path):
     batch = data.collate([data.train_set[0], data.val_set[0]])
     assert batch["labels"].shape == batch["tokens"].shape
     assert (batch["labels"][:, 0] == -100).all() and (batch["labels"][:, 7:] == -100).all()
-    model = ESM2ResiduePredictor(num_classes=3, **TINY)
+    model = ESM2ResiduePredictor(num_classes=3, class_names=data.classes, model_kwargs=TINY)
     trainer = _trainer(tmp_path)
     trainer.fit(model, data)
     assert {"val/acc", "val/f1"} <= set(trainer.callback_metrics)
-    out = model.predict_step(batch, 0)
-    assert [p.shape for p in out["predictions"]] == [(6, 3), (6, 3)]
+    records = model.predict_step(batch, 0)
+    for record in records:
+        assert record["probabilities"].shape == (6, 3)
+        expected = "".join("CEH"[c] for c in record["probabilities"].argmax(-1).tolist())
+        assert record["label"] == expected  # one class character per residue, as in the label file
+
+
+def test_predict_path_gives_a_record_for_every_unlabelled_protein(tmp_path):
+    """The classes linked from the data name the predictions of an unlabelled FASTA file."""
+    path = tmp_path / "ss.csv"
+    path.write_text("id,sequence,label\n" + "".join(f"r{i},MKTAYIAKQR,CCHHHHEECC\n" for i in range(10)))
+    query = tmp_path / "query.fasta"
+    query.write_text(">q1 no label here\nMKTAYIAKQRQISF\n>q2\nMKV\n")
+    data = ProteinLabelDataModule(
+        file=str(path), task="residue-classification", batch_size=4, max_length=12, predict_path=str(query)
+    )
+    model = ESM2ResiduePredictor(num_classes=data.num_classes, class_names=data.classes, model_kwargs=TINY)
+    records = [r for batch in _trainer(tmp_path).predict(model, data) for r in batch]
+    assert [(r["id"], len(r["label"])) for r in records] == [("q1", 12), ("q2", 3)]  # cut to max_length
+    assert all(set(r["label"]) <= {"C", "E", "H"} for r in records)
+
+
+def test_class_names_must_match_the_classes():
+    with pytest.raises(ValueError, match="3 class names"):
+        ESM2SequencePredictor(num_classes=2, class_names=["a", "b", "c"], model_kwargs=TINY)
+    with pytest.raises(ValueError, match="single characters"):
+        ESM2ResiduePredictor(num_classes=2, class_names=["helix", "coil"], model_kwargs=TINY)
+    assert ESM2SequencePredictor(num_classes=3, model_kwargs=TINY).label_names == ["0", "1", "2"]
+    assert ESM2ResiduePredictor(num_classes=12, model_kwargs=TINY).label_names == "0123456789ab"
+
+
+@pytest.mark.parametrize("module", [ESM2SequencePredictor, ESM2ResiduePredictor])
+def test_example_inputs_run_the_fine_tuners(module):
+    model = module(model_kwargs=TINY).eval()
+    (tokens,) = model.example_inputs(batch_size=3)
+    with torch.no_grad():
+        out = model(tokens)
+    assert out.shape[0] == 3 and out.shape[-1] == 2
 
 
 def test_fasta_with_labels(tmp_path):
@@ -136,7 +183,7 @@ def test_unknown_class_and_task_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"x.csv:4: label 'c' is not one of the classes \['a', 'b'\]"):
         ProteinLabelDataModule(file=str(path), classes=["a", "b"])
     data = ProteinLabelDataModule(file=str(path), val_fraction=0.34, test_fraction=0.0)
-    model = ESM2SequencePredictor(task="sequence-regression", **TINY)
+    model = ESM2SequencePredictor(task="sequence-regression", model_kwargs=TINY)
     with pytest.raises(
         ValueError, match="configured for 'sequence-regression' but the data is 'sequence-classification'"
     ):
@@ -167,12 +214,12 @@ def test_lora_trains_only_adapters_and_merges_back(tmp_path):
 
 
 def test_frozen_backbone_trains_only_the_head():
-    model = ESM2SequencePredictor(freeze_backbone=True, **TINY)
+    model = ESM2SequencePredictor(freeze_backbone=True, model_kwargs=TINY)
     assert all(n.startswith("head.") for n, p in model.named_parameters() if p.requires_grad)
     # only what produces the loss trains (DDP waits for every trainable parameter's gradient)
-    partial = ESM2SequencePredictor(representation_layer=1, **TINY)
+    partial = ESM2SequencePredictor(representation_layer=1, model_kwargs=TINY)
     trainable = {n.split(".")[0] for n, p in partial.model.named_parameters() if p.requires_grad}
     assert trainable == {"embed_tokens", "layers"}
     assert not any(p.requires_grad for p in partial.model.layers[1].parameters())
     with pytest.raises(ValueError, match="already freezes"):
-        ESM2SequencePredictor(freeze_backbone=True, lora_rank=4, **TINY)
+        ESM2SequencePredictor(freeze_backbone=True, lora_rank=4, model_kwargs=TINY)

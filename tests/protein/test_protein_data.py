@@ -166,3 +166,16 @@ def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match="too few"):
         skipping.setup("fit")  # one usable record cannot be split
     assert skipping.skipped == {"bad character": 1}
+
+
+def test_predict_path_is_read_whole_and_apart_from_the_training_data(tmp_path):
+    path = tmp_path / "one.fasta"
+    path.write_text(">only\nMKTAYIAKQR\n")  # one record: too few to split, yet it can be predicted
+    data = ProteinDataModule(predict_path=str(path), batch_size=4)
+    data.setup("predict")
+    batch = next(iter(data.predict_dataloader()))
+    assert batch["ids"] == ["only"] and batch["tokens"].shape == (1, 12)
+    data.setup("fit")  # the training data (the embedded proteins) is untouched by it
+    assert len(data.train_set) == 1878 and [r["id"] for r in data.predict_set] == ["only"]
+    with pytest.raises(FileNotFoundError, match=r"missing\.fasta"):
+        ProteinDataModule(predict_path=str(tmp_path / "missing.fasta"))

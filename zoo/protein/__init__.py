@@ -4,14 +4,15 @@
 fair-esm and HF files from local paths.
 """
 
+from zoo.predict import load_predictions
 from zoo.protein.alphabet import Alphabet, BatchConverter
+from zoo.protein.checkpoints import upgrade_checkpoint
 from zoo.protein.convert import fair_esm_to_hf, hf_to_fair_esm, load_esm2, save_fair_esm
 from zoo.protein.fasta import FastaIndex, ProteinRecord, read_fasta
 from zoo.protein.finetune import ESM2Finetuner, ESM2ResiduePredictor, ESM2SequencePredictor
 from zoo.protein.metrics import ContactPrecision
-from zoo.protein.model import ESM2, ESM2_CONFIGS, ContactPredictionHead, ESM2Config, ESM2Layer
+from zoo.protein.model import ESM2, ESM2_CONFIGS, ContactPredictionHead, ESM2Config, ESM2Layer, esm2_config
 from zoo.protein.module import ESM2MaskedLM, mask_tokens
-from zoo.protein.writer import RecordPredictionWriter, load_predictions
 
 __all__ = [
     "ESM2",
@@ -28,7 +29,7 @@ __all__ = [
     "ESM2SequencePredictor",
     "FastaIndex",
     "ProteinRecord",
-    "RecordPredictionWriter",
+    "esm2_config",
     "fair_esm_to_hf",
     "hf_to_fair_esm",
     "load_esm2",
@@ -36,4 +37,5 @@ __all__ = [
     "mask_tokens",
     "read_fasta",
     "save_fair_esm",
+    "upgrade_checkpoint",
 ]

@@ -1,23 +1,28 @@
 """Fine-tuning ESM-2 for protein property prediction: per-sequence and per-residue heads, optional LoRA.
 
 The backbone is any ``ESM2`` (a local fair-esm/HF checkpoint via ``pretrained``, or a published
-size from scratch). It can be trained in full, frozen (``freeze_backbone``: only the head learns,
-the usual "embeddings + probe" baseline) or adapted with LoRA through peft (``lora_rank > 0``):
-low-rank updates on the attention ``q_proj``/``k_proj``/``v_proj``/``out_proj`` projections, the
-rest of the backbone frozen. ``merged_backbone()`` folds the LoRA updates back into a plain
-``ESM2`` that ``save_pretrained`` writes as a fair-esm file.
+preset ``model_name`` with ``model_kwargs`` overrides, from scratch). It can be trained in full, frozen
+(``freeze_backbone``: only the head learns, the usual "embeddings + probe" baseline) or adapted with LoRA
+through peft (``lora_rank > 0``): low-rank updates on the attention ``q_proj``/``k_proj``/``v_proj``/
+``out_proj`` projections, the rest of the backbone frozen. ``merged_backbone()`` folds the LoRA updates
+back into a plain ``ESM2`` that ``save_pretrained`` writes as a fair-esm file.
 
 - ``ESM2SequencePredictor``: mean over residues (or ``<cls>``) of a chosen layer -> MLP head;
   ``sequence-classification`` (cross-entropy, accuracy and macro F1) or ``sequence-regression``
   (MSE; Pearson and Spearman correlation).
 - ``ESM2ResiduePredictor``: the chosen layer at every residue -> MLP head; cross-entropy over
   residues (``-100`` labels ignored), accuracy and macro F1.
+
+Predictions are records named by class (``class_names``, linked from ``ProteinLabelDataModule``), in the
+form the training labels take: a class name or a value per protein, a string of one class character
+per residue.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Literal
+import string
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +32,18 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.regression import MeanSquaredError, PearsonCorrCoef, SpearmanCorrCoef
 
-from zoo.base import ZooModule
+from zoo.base import IGNORE_INDEX, ZooModule
 from zoo.optim import WarmupCosineLR
+from zoo.protein.backbone import build_esm2, example_tokens, mean_over_residues, residue_lengths
 from zoo.protein.model import ESM2, ESM2Layer
-from zoo.protein.module import IGNORE_INDEX, build_esm2, mean_over_residues
 
 __all__ = ["LORA_TARGETS", "ESM2Finetuner", "ESM2ResiduePredictor", "ESM2SequencePredictor"]
 
 #: the attention projections LoRA adapts (fair-esm's names)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+SEQUENCE_TASKS = ("sequence-classification", "sequence-regression")
+#: residue class names when none are given: the predicted label strings need one character per class
+DEFAULT_RESIDUE_CLASSES = string.digits + string.ascii_lowercase + string.ascii_uppercase
 
 
 def _head(embed_dim: int, outputs: int, dropout: float) -> nn.Sequential:
@@ -48,12 +56,17 @@ def _head(embed_dim: int, outputs: int, dropout: float) -> nn.Sequential:
     )
 
 
+def _check_class_names(class_names: list[str] | None, num_classes: int) -> None:
+    if class_names and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names {class_names} for num_classes={num_classes}")
+
+
 class ESM2Finetuner(ZooModule):
     """Backbone loading, freezing and LoRA shared by the fine-tuning modules.
 
     Args:
-        size / num_layers / embed_dim / attention_heads / pretrained: the backbone, as in
-            ``ESM2MaskedLM`` (a checkpoint's architecture wins).
+        model_name / model_kwargs / pretrained: the backbone, as in ``ESM2MaskedLM`` (a checkpoint's
+            architecture wins).
         representation_layer: the backbone layer the head reads (-1: the last, after its LayerNorm).
         freeze_backbone: train only the head.
         lora_rank: > 0 adds LoRA adapters of this rank (peft) and freezes the rest of the backbone.
@@ -62,14 +75,13 @@ class ESM2Finetuner(ZooModule):
     """
 
     sharding_units = (ESM2Layer,)
-    task: str
+    #: the data module's ``task`` this module learns (checked when a trainer starts)
+    task: ClassVar[str]
 
     def __init__(
         self,
-        size: str = "t6_8M",
-        num_layers: int | None = None,
-        embed_dim: int | None = None,
-        attention_heads: int | None = None,
+        model_name: str = "esm2_t6_8M",
+        model_kwargs: dict | None = None,
         pretrained: str | None = None,
         representation_layer: int = -1,
         freeze_backbone: bool = False,
@@ -80,21 +92,22 @@ class ESM2Finetuner(ZooModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
-        # collects this class's arguments and the subclass's (task, num_classes...) from the call frames
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
         if lora_rank and freeze_backbone:
             raise ValueError(
                 "lora_rank > 0 already freezes the backbone; freeze_backbone=True leaves no adapter to train"
             )
-        self.model = build_esm2(size, num_layers, embed_dim, attention_heads, pretrained)
-        if not -self.model.num_layers - 1 <= representation_layer <= self.model.num_layers:
-            raise ValueError(
-                f"representation_layer={representation_layer} outside 0..{self.model.num_layers} (or -1)"
-            )
-        self.layer = representation_layer % (self.model.num_layers + 1)
+        # the base saves this class's arguments and the subclass's (task, num_classes...) from the call frames
+        super().__init__(optimizer, lr_scheduler)
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.model = build_esm2(hp.model_name, hp.model_kwargs, hp.pretrained)
+        layers = self.model.num_layers
+        if not -layers - 1 <= hp.representation_layer <= layers:
+            raise ValueError(f"representation_layer={hp.representation_layer} outside 0..{layers} (or -1)")
+        self.layer = hp.representation_layer % (layers + 1)
         self.alphabet = self.model.alphabet
         # heads the task does not use (the LM head's own layers; its weight is the shared embedding)
         # are frozen, so that DDP does not wait for their gradients
@@ -102,13 +115,13 @@ class ESM2Finetuner(ZooModule):
         for module in (self.model.lm_head.dense, self.model.lm_head.layer_norm):
             module.requires_grad_(False)
         self.model.lm_head.bias.requires_grad_(False)
-        if self.layer < self.model.num_layers:  # layers above the one read get no gradient either
+        if self.layer < layers:  # layers above the one read get no gradient either
             self.model.layers[self.layer :].requires_grad_(False)
             self.model.emb_layer_norm_after.requires_grad_(False)
-        if freeze_backbone:
+        if hp.freeze_backbone:
             self.model.requires_grad_(False)
-        if lora_rank:
-            self._add_lora(lora_rank, lora_alpha, lora_dropout)
+        if hp.lora_rank:
+            self._add_lora(hp.lora_rank, hp.lora_alpha, hp.lora_dropout)
 
     def _add_lora(self, rank: int, alpha: float, dropout: float) -> None:
         try:
@@ -119,6 +132,9 @@ class ESM2Finetuner(ZooModule):
             r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS)
         )
         peft.inject_adapter_in_model(config, self.model)  # freezes everything but the adapters
+
+    def example_inputs(self, batch_size: int = 2) -> tuple[torch.Tensor]:
+        return (example_tokens(self.alphabet, batch_size, self.device),)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, T, D)`` hidden states of ``representation_layer``."""
@@ -162,6 +178,8 @@ class ESM2SequencePredictor(ESM2Finetuner):
     Args:
         task: ``sequence-classification`` or ``sequence-regression`` (the data module's names).
         num_classes: classes (linked from the data module by the CLI); ignored for regression.
+        class_names: class names in label order for the predict records (linked from the data module);
+            ``"0"``, ``"1"``... when not given.
         pooling: ``mean`` over residues or the ``cls`` token.
         See ``ESM2Finetuner`` for the backbone, LoRA and head arguments.
     """
@@ -170,26 +188,35 @@ class ESM2SequencePredictor(ESM2Finetuner):
         self,
         task: Literal["sequence-classification", "sequence-regression"] = "sequence-classification",
         num_classes: int = 2,
+        class_names: list[str] | None = None,
         pooling: Literal["mean", "cls"] = "mean",
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
-        if task not in ("sequence-classification", "sequence-regression"):
+        if task not in SEQUENCE_TASKS:
             raise ValueError(f"task must be 'sequence-classification' or 'sequence-regression', got {task!r}")
-        if task == "sequence-classification" and num_classes < 2:
-            raise ValueError(f"classification needs num_classes >= 2, got {num_classes}")
+        if task == "sequence-classification":
+            if num_classes < 2:
+                raise ValueError(f"classification needs num_classes >= 2, got {num_classes}")
+            _check_class_names(class_names, num_classes)
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        self.task = task
-        self.head = _head(
-            self.model.embed_dim,
-            num_classes if task == "sequence-classification" else 1,
-            self.hparams.head_dropout,
-        )
-        self.setup_metrics()
+        super().__init__(**kwargs)
+
+    @property
+    def task(self) -> str:
+        return self.hparams.task
+
+    @property
+    def regression(self) -> bool:
+        return self.hparams.task == "sequence-regression"
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        outputs = 1 if self.regression else self.hparams.num_classes
+        self.head = _head(self.model.embed_dim, outputs, self.hparams.head_dropout)
 
     def configure_metrics(self) -> MetricCollection:
-        if self.hparams.task == "sequence-regression":
+        if self.regression:
             return MetricCollection(
                 {"mse": MeanSquaredError(), "pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()}
             )
@@ -197,6 +224,11 @@ class ESM2SequencePredictor(ESM2Finetuner):
         return MetricCollection(
             {"acc": MulticlassAccuracy(n, average="micro"), "f1": MulticlassF1Score(n, average="macro")}
         )
+
+    @property
+    def label_names(self) -> list[str]:
+        """The predicted labels: ``class_names``, else the class indices as text."""
+        return self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` class logits, or ``(B,)`` values for regression."""
@@ -207,11 +239,11 @@ class ESM2SequencePredictor(ESM2Finetuner):
             else mean_over_residues(hidden, tokens, self.alphabet)
         )
         out = self.head(pooled)
-        return out.squeeze(-1) if self.hparams.task == "sequence-regression" else out
+        return out.squeeze(-1) if self.regression else out
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         out, labels = self(batch["tokens"]), batch["labels"]
-        if self.hparams.task == "sequence-regression":
+        if self.regression:
             loss = F.mse_loss(out.float(), labels.float())
         else:
             loss = F.cross_entropy(out.float(), labels)
@@ -219,13 +251,20 @@ class ESM2SequencePredictor(ESM2Finetuner):
         self.update_metrics(stage, out.detach().float(), labels)
         return loss
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """``{"ids", "predictions"}``: class probabilities (B, C) or values (B,)."""
-        out = self(batch["tokens"])
-        return {
-            "ids": batch.get("ids"),
-            "predictions": out if self.hparams.task == "sequence-regression" else out.softmax(-1),
-        }
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One record per protein: ``{"id": FASTA id, "label": value}`` for regression, else
+        ``{"id", "label": the most probable class name, "probabilities": {class name: probability}}``."""
+        out = self(batch["tokens"]).float()
+        if self.regression:
+            return [{"id": record_id, "label": value} for record_id, value in zip(batch["ids"], out.tolist())]
+        names = self.label_names
+        probabilities = out.softmax(-1)
+        return [
+            {"id": record_id, "label": names[best], "probabilities": dict(zip(names, row))}
+            for record_id, row, best in zip(
+                batch["ids"], probabilities.tolist(), probabilities.argmax(-1).tolist()
+            )
+        ]
 
 
 class ESM2ResiduePredictor(ESM2Finetuner):
@@ -233,16 +272,26 @@ class ESM2ResiduePredictor(ESM2Finetuner):
 
     Args:
         num_classes: classes (linked from the data module by the CLI).
+        class_names: one character per class, in label order, for the predicted label strings (linked from
+            the data module); ``0-9``, then ``a-z``, then ``A-Z`` when not given.
         See ``ESM2Finetuner`` for the backbone, LoRA and head arguments.
     """
 
-    def __init__(self, num_classes: int = 2, **kwargs) -> None:
-        super().__init__(**kwargs)
+    task = "residue-classification"
+
+    def __init__(self, num_classes: int = 2, class_names: list[str] | None = None, **kwargs) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.task = "residue-classification"
-        self.head = _head(self.model.embed_dim, num_classes, self.hparams.head_dropout)
-        self.setup_metrics()
+        _check_class_names(class_names, num_classes)
+        if class_names and any(len(name) != 1 for name in class_names):
+            raise ValueError(f"per-residue class names must be single characters, got {class_names}")
+        if not class_names and num_classes > len(DEFAULT_RESIDUE_CLASSES):
+            raise ValueError(f"{num_classes} classes need their one-character names: pass class_names=[...]")
+        super().__init__(**kwargs)
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        self.head = _head(self.model.embed_dim, self.hparams.num_classes, self.hparams.head_dropout)
 
     def configure_metrics(self) -> MetricCollection:
         n = self.hparams.num_classes
@@ -252,6 +301,11 @@ class ESM2ResiduePredictor(ESM2Finetuner):
                 "f1": MulticlassF1Score(n, average="macro", ignore_index=IGNORE_INDEX),
             }
         )
+
+    @property
+    def label_names(self) -> str:
+        """One character per class, as the predicted label strings spell them."""
+        return "".join(self.hparams.class_names or DEFAULT_RESIDUE_CLASSES[: self.hparams.num_classes])
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, T, C)`` per-token class logits (``<cls>``/``<eos>``/pads included; their labels are -100)."""
@@ -265,12 +319,17 @@ class ESM2ResiduePredictor(ESM2Finetuner):
         self.update_metrics(stage, flat_logits.detach(), flat_labels)
         return loss
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """``{"ids", "predictions"}``: per sequence, an ``(L, C)`` tensor of residue class probabilities."""
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One record per protein: ``{"id": FASTA id, "label": one class character per residue,
+        "probabilities": (L, C) tensor of residue class probabilities}`` (L residues)."""
         tokens = batch["tokens"]
-        probs = self(tokens).softmax(-1)
-        lengths = tokens.ne(self.alphabet.padding_idx).sum(1) - 2
-        return {
-            "ids": batch.get("ids"),
-            "predictions": [p[1 : n + 1] for p, n in zip(probs, lengths.tolist())],
-        }
+        probabilities = self(tokens).float().softmax(-1)
+        names = self.label_names
+        records = []
+        for record_id, row, n in zip(
+            batch["ids"], probabilities, residue_lengths(tokens, self.alphabet).tolist()
+        ):
+            residues = row[1 : n + 1]
+            label = "".join(names[c] for c in residues.argmax(-1).tolist())
+            records.append({"id": record_id, "label": label, "probabilities": residues})
+        return records

@@ -9,6 +9,7 @@ attention maps are materialised only when contacts or attentions are asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,7 +21,15 @@ from torch import nn
 
 from zoo.protein.alphabet import Alphabet
 
-__all__ = ["ESM2", "ESM2_CONFIGS", "ContactPredictionHead", "ESM2Config", "ESM2Layer"]
+__all__ = [
+    "ESM2",
+    "ESM2_CONFIGS",
+    "ContactPredictionHead",
+    "ESM2Config",
+    "ESM2Layer",
+    "esm2_config",
+    "preset_name",
+]
 
 #: fair-esm's token dropout assumes 15% masking of which 80% are ``<mask>``.
 _MASK_RATIO_TRAIN = 0.15 * 0.8
@@ -36,15 +45,37 @@ class ESM2Config:
     token_dropout: bool = True
 
 
-#: The published sizes (esm README; heads from the released configs).
+#: The published sizes under their published names (esm README; heads from the released configs).
 ESM2_CONFIGS: dict[str, ESM2Config] = {
-    "t6_8M": ESM2Config(6, 320, 20),
-    "t12_35M": ESM2Config(12, 480, 20),
-    "t30_150M": ESM2Config(30, 640, 20),
-    "t33_650M": ESM2Config(33, 1280, 20),
-    "t36_3B": ESM2Config(36, 2560, 40),
-    "t48_15B": ESM2Config(48, 5120, 40),
+    "esm2_t6_8M": ESM2Config(6, 320, 20),
+    "esm2_t12_35M": ESM2Config(12, 480, 20),
+    "esm2_t30_150M": ESM2Config(30, 640, 20),
+    "esm2_t33_650M": ESM2Config(33, 1280, 20),
+    "esm2_t36_3B": ESM2Config(36, 2560, 40),
+    "esm2_t48_15B": ESM2Config(48, 5120, 40),
 }
+
+
+def preset_name(name: str) -> str:
+    """The ``ESM2_CONFIGS`` key of ``name``, which may also be spelled as a fair-esm file
+    (``esm2_t6_8M_UR50D``) or by its short form (``t6_8M``, what earlier checkpoints and configs hold)."""
+    key = name.removesuffix("_UR50D")
+    key = key if key.startswith("esm2_") else f"esm2_{key}"
+    if key not in ESM2_CONFIGS:
+        raise ValueError(f"unknown ESM-2 size {name!r}; known: {', '.join(ESM2_CONFIGS)}")
+    return key
+
+
+def esm2_config(model_name: str, overrides: dict | None = None) -> ESM2Config:
+    """The preset ``model_name`` with some of its fields replaced (e.g. a 2-layer, 32-d test model)."""
+    config = ESM2_CONFIGS[preset_name(model_name)]
+    if not overrides:
+        return config
+    fields = [f.name for f in dataclasses.fields(ESM2Config)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown ESM-2 model_kwargs {unknown}; known: {', '.join(fields)}")
+    return dataclasses.replace(config, **overrides)
 
 
 class RotaryEmbedding(nn.Module):
@@ -244,13 +275,13 @@ class ESM2(nn.Module):
 
     # ------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, config: str | ESM2Config) -> ESM2:
-        """A randomly initialised model of a published size (``"t6_8M"`` ... ``"t48_15B"``)."""
+    def from_config(cls, config: str | ESM2Config, **overrides) -> ESM2:
+        """A randomly initialised model of a published size (``"esm2_t6_8M"`` ... ``"esm2_t48_15B"``, see
+        ``preset_name`` for other spellings), with ``overrides`` of its ``ESM2Config`` fields."""
         if isinstance(config, str):
-            name = config.removeprefix("esm2_").removesuffix("_UR50D")
-            if name not in ESM2_CONFIGS:
-                raise ValueError(f"unknown ESM-2 size {config!r}; known: {', '.join(ESM2_CONFIGS)}")
-            config = ESM2_CONFIGS[name]
+            config = esm2_config(config, overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
         return cls(
             config.num_layers, config.embed_dim, config.attention_heads, token_dropout=config.token_dropout
         )

@@ -6,11 +6,11 @@ chosen positions only, and perplexity is ``exp`` of that loss over all masked to
 epoch. Validation masks with a generator seeded by the batch index, so its perplexity is
 comparable from epoch to epoch.
 
-When validation batches carry ``contacts`` (``ProteinDataModule(contacts=...)``), the unmasked
+When validation or test batches carry ``contacts`` (``ProteinDataModule(contacts=...)``), the unmasked
 sequences also go through the contact head and contact precision (``ContactPrecision``: P@L and
-P@L/5, short/medium/long range) is logged as ``val/contact_P@L_long`` etc. ``predict`` returns
-per-sequence embeddings (mean over residues of ``embedding_layer``) and, with
-``predict_contacts``, contact maps, for ``RecordPredictionWriter``.
+P@L/5, short/medium/long range) is logged as ``val/contact_P@L_long`` etc. ``predict`` returns one
+record per protein: its embedding (mean over residues of ``embedding_layer``) and, with
+``predict_contacts``, its contact map.
 """
 
 from __future__ import annotations
@@ -22,22 +22,23 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.text import Perplexity
 
-from zoo.base import ZooModule
+from zoo.base import DEFAULT_GROUP, IGNORE_INDEX, ZooModule
 from zoo.optim import WarmupCosineLR
 from zoo.protein.alphabet import Alphabet
+from zoo.protein.backbone import (
+    build_esm2,
+    example_tokens,
+    init_module_for_training,
+    mean_over_residues,
+    residue_lengths,
+)
 from zoo.protein.metrics import ContactPrecision
-from zoo.protein.model import ESM2, ESM2_CONFIGS, ESM2Layer
+from zoo.protein.model import ESM2Layer
 
-__all__ = [
-    "ESM2MaskedLM",
-    "build_esm2",
-    "init_for_training",
-    "init_module_for_training",
-    "mask_tokens",
-    "mean_over_residues",
-]
+__all__ = ["CONTACTS", "ESM2MaskedLM", "mask_tokens"]
 
-IGNORE_INDEX = -100
+#: Metric group of contact precision, updated in validation and test when the data has contact maps.
+CONTACTS = "contacts"
 
 
 def mask_tokens(
@@ -75,94 +76,28 @@ def mask_tokens(
     return inputs, labels
 
 
-def build_esm2(
-    size: str,
-    num_layers: int | None = None,
-    embed_dim: int | None = None,
-    attention_heads: int | None = None,
-    pretrained: str | None = None,
-) -> ESM2:
-    """A checkpoint's model when ``pretrained`` is given, else a published size with optional overrides,
-    initialised for training from scratch (``init_for_training``)."""
-    if pretrained is not None:
-        return ESM2.from_pretrained(pretrained)
-    if size not in ESM2_CONFIGS:
-        raise ValueError(f"unknown ESM-2 size {size!r}; known: {', '.join(ESM2_CONFIGS)}")
-    base = ESM2_CONFIGS[size]
-    model = ESM2(
-        num_layers if num_layers is not None else base.num_layers,
-        embed_dim if embed_dim is not None else base.embed_dim,
-        attention_heads if attention_heads is not None else base.attention_heads,
-        token_dropout=base.token_dropout,
-    )
-    return init_for_training(model)
-
-
-def init_for_training(model: ESM2, std: float = 0.02) -> ESM2:
-    """BERT-style initialisation (normal, std 0.02, zero biases, zero ``<pad>`` embedding).
-
-    This is how HF's ``EsmPreTrainedModel`` and BioNeMo initialise ESM-2 for pre-training. fair-esm's
-    module defaults (unit-variance embeddings, tied to the LM head) give logits of standard deviation
-    ~sqrt(embed_dim), a starting perplexity around 1e14 instead of ~33, and a slower start.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            init_module_for_training(module, std)
-    return model
-
-
-@torch.no_grad()
-def init_module_for_training(module: nn.Module, std: float = 0.02) -> None:
-    """:func:`init_for_training` for one submodule's own parameters, as meta-device materialisation
-    (``zoo.strategies.materialize_parameters``) initialises a model part by part."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        module.weight.normal_(0.0, std)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            module.weight[module.padding_idx].zero_()
-        if getattr(module, "bias", None) is not None:
-            module.bias.zero_()
-    elif isinstance(module, nn.LayerNorm):
-        module.reset_parameters()
-    else:  # fair-esm's LM head: its weight is the (tied) embedding, its own parameter the bias
-        for parameter in module.parameters(recurse=False):
-            if parameter.dim() == 1:
-                parameter.zero_()
-
-
-def mean_over_residues(hidden: torch.Tensor, tokens: torch.Tensor, alphabet: Alphabet) -> torch.Tensor:
-    """``(B, T, D)`` -> ``(B, D)``: the mean over residues, ``<cls>``/``<eos>``/pads excluded."""
-    special = torch.tensor([alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx], device=tokens.device)
-    weights = (~torch.isin(tokens, special)).unsqueeze(-1).to(hidden)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-
-def residue_lengths(tokens: torch.Tensor, alphabet: Alphabet) -> torch.Tensor:
-    """Residues per row (tokens that are not ``<cls>``/``<eos>``/``<pad>``)."""
-    special = torch.tensor([alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx], device=tokens.device)
-    return (~torch.isin(tokens, special)).sum(1)
-
-
 class ESM2MaskedLM(ZooModule):
     """ESM-2 trained by masked language modelling.
 
     Args:
-        size: a published architecture (``t6_8M`` ... ``t48_15B``), overridable field by field
-            with ``num_layers`` / ``embed_dim`` / ``attention_heads`` (e.g. tiny test models).
+        model_name: a published architecture, ``esm2_t6_8M`` ... ``esm2_t48_15B`` (``t6_8M`` and
+            ``esm2_t6_8M_UR50D`` spellings are read too).
+        model_kwargs: overrides of the preset's ``ESM2Config`` fields (``num_layers``, ``embed_dim``,
+            ``attention_heads``, ``token_dropout``), e.g. a tiny test model.
         pretrained: a local checkpoint for ``ESM2.from_pretrained`` (fair-esm ``.pt`` or a HF
-            ``EsmForMaskedLM`` directory); its architecture wins over ``size``.
+            ``EsmForMaskedLM`` directory); its architecture wins over ``model_name`` and ``model_kwargs``.
         mask_prob: share of residues chosen for the loss (15% in ESM-2).
         embedding_layer: layer whose residue mean ``predict`` returns (-1: the last, after its LayerNorm).
         predict_contacts: ``predict`` also returns each sequence's ``(L, L)`` contact map.
     """
 
     sharding_units = (ESM2Layer,)
+    progress_bar_metrics = ("val/perplexity",)
 
     def __init__(
         self,
-        size: str = "t6_8M",
-        num_layers: int | None = None,
-        embed_dim: int | None = None,
-        attention_heads: int | None = None,
+        model_name: str = "esm2_t6_8M",
+        model_kwargs: dict | None = None,
         pretrained: str | None = None,
         mask_prob: float = 0.15,
         embedding_layer: int = -1,
@@ -170,26 +105,34 @@ class ESM2MaskedLM(ZooModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if not 0 < mask_prob < 1:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
-        self.model = build_esm2(size, num_layers, embed_dim, attention_heads, pretrained)
-        if not -self.model.num_layers - 1 <= embedding_layer <= self.model.num_layers:
-            raise ValueError(f"embedding_layer={embedding_layer} outside 0..{self.model.num_layers} (or -1)")
+        super().__init__(optimizer, lr_scheduler)
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.model = build_esm2(hp.model_name, hp.model_kwargs, hp.pretrained)
+        if not -self.model.num_layers - 1 <= hp.embedding_layer <= self.model.num_layers:
+            raise ValueError(
+                f"embedding_layer={hp.embedding_layer} outside 0..{self.model.num_layers} (or -1)"
+            )
         # The contact regression is fitted apart from MLM (logistic regression on a few structures, as
         # fair-esm's): frozen here, so that DDP does not wait for gradients MLM never produces.
         self.model.contact_head.requires_grad_(False)
         self.alphabet = self.model.alphabet
-        self.contact_metrics = nn.ModuleDict({"val": ContactPrecision(), "test": ContactPrecision()})
-        self.setup_metrics()
 
-    def configure_metrics(self) -> MetricCollection:
-        return MetricCollection({"perplexity": Perplexity(ignore_index=IGNORE_INDEX)})
+    def configure_metrics(self) -> dict[str, MetricCollection]:
+        return {
+            DEFAULT_GROUP: MetricCollection({"perplexity": Perplexity(ignore_index=IGNORE_INDEX)}),
+            CONTACTS: MetricCollection({"precision": ContactPrecision()}, prefix="contact_"),
+        }
 
     def init_weights(self, module: nn.Module) -> None:
         """Per-part training init, called when a meta-device build is materialised under FSDP2."""
         init_module_for_training(module)
+
+    def example_inputs(self, batch_size: int = 2) -> tuple[torch.Tensor]:
+        return (example_tokens(self.alphabet, batch_size, self.device),)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """MLM logits ``(B, T, 33)``: the prediction the loss is computed on."""
@@ -219,34 +162,25 @@ class ESM2MaskedLM(ZooModule):
             return
         tokens = batch["tokens"]
         predicted = self.model(tokens, return_contacts=True)["contacts"]
-        self.contact_metrics[stage].update(
-            predicted, batch["contacts"], residue_lengths(tokens, self.alphabet)
-        )
+        lengths = residue_lengths(tokens, self.alphabet)
+        self.update_metrics(stage, predicted, batch["contacts"], lengths, group=CONTACTS)
 
-    def _log_contacts(self, stage: str) -> None:
-        metric = self.contact_metrics[stage]
-        if metric.update_count == 0:
-            return
-        values = metric.compute()
-        self.log_dict({f"{stage}/contact_{k}": v for k, v in values.items()}, sync_dist=False)
-        metric.reset()
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One record per protein: ``{"id": FASTA id, "embedding": (D,) tensor}``, plus ``"contacts"``: its
+        ``(L, L)`` contact probabilities (L residues) with ``predict_contacts``.
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_contacts("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_contacts("test")
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """``{"ids", "embeddings": (B, D)}`` (+ ``"contacts"``: one ``(L, L)`` map per sequence)."""
+        The embedding is the mean over residues of ``embedding_layer``'s hidden states.
+        """
         tokens = batch["tokens"]
         layer = self.hparams.embedding_layer % (self.model.num_layers + 1)
         out = self.model(tokens, repr_layers=[layer], return_contacts=self.hparams.predict_contacts)
-        result = {
-            "ids": batch.get("ids"),
-            "embeddings": mean_over_residues(out["representations"][layer], tokens, self.alphabet),
-        }
+        embeddings = mean_over_residues(out["representations"][layer], tokens, self.alphabet)
+        records = [
+            {"id": record_id, "embedding": embedding}
+            for record_id, embedding in zip(batch["ids"], embeddings)
+        ]
         if self.hparams.predict_contacts:
             lengths = residue_lengths(tokens, self.alphabet).tolist()
-            result["contacts"] = [c[:n, :n] for c, n in zip(out["contacts"], lengths)]
-        return result
+            for record, contacts, n in zip(records, out["contacts"], lengths):
+                record["contacts"] = contacts[:n, :n]
+        return records
