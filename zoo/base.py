@@ -19,7 +19,9 @@ batch in the network's input format for tracing.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -28,9 +30,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 
+from zoo.errors import ZooError
 from zoo.optim import WarmupCosineLR, apply_lr_scales, weight_decay_groups
 
-__all__ = ["IGNORE_INDEX", "STAGES", "ZooModule"]
+__all__ = ["DEFAULT_GROUP", "IGNORE_INDEX", "STAGES", "ZooModule", "rename_keys"]
 
 STAGES = ("train", "val", "test")
 #: Label value the zoo's losses and metrics skip (PyTorch's ``cross_entropy`` default).
@@ -181,6 +184,49 @@ class ZooModule(LightningModule):
     # ------------------------------------------------------------ checkpoints
     #: ``(old prefix, new prefix)`` renames of state-dict keys written by earlier versions of the module.
     state_dict_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: ``(old name, new name)`` renames of hyper-parameters (constructor arguments) of earlier versions.
+    hparams_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    @classmethod
+    def upgrade_hyperparameters(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Hyper-parameters an earlier version saved, under today's argument names (in their order).
+
+        ``hparams_renames`` by default; a family whose arguments moved further (into ``model_kwargs``) overrides
+        it. Current hyper-parameters come back unchanged.
+        """
+        renames = dict(cls.hparams_renames)
+        clashes = [old for old in renames if old in hparams and renames[old] in hparams]
+        if clashes:
+            raise ZooError(
+                f"hyper-parameters hold both old and new names: {[(o, renames[o]) for o in clashes]}"
+            )
+        return {renames.get(key, key): value for key, value in hparams.items()}
+
+    @classmethod
+    def upgrade_checkpoint(cls, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """A shallow copy of a checkpoint written by an earlier version, with today's hyper-parameter names
+        and state-dict keys (what ``zoo upgrade-checkpoint`` writes)."""
+        upgraded = dict(checkpoint)
+        if "hyper_parameters" in upgraded:
+            upgraded["hyper_parameters"] = cls.upgrade_hyperparameters(dict(upgraded["hyper_parameters"]))
+        if "state_dict" in upgraded:
+            upgraded["state_dict"] = rename_keys(upgraded["state_dict"], cls.state_dict_renames)
+        return upgraded
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any):
+        """Lightning's loader, for checkpoints of earlier versions too: one whose hyper-parameters carry old
+        names is upgraded in memory first (Lightning would silently drop names ``__init__`` no longer takes and
+        build the default architecture, or fail on them)."""
+        if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file():
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            saved = dict(checkpoint.get("hyper_parameters") or {})
+            if cls.upgrade_hyperparameters(saved) != saved:
+                buffer = io.BytesIO()
+                torch.save(cls.upgrade_checkpoint(checkpoint), buffer)
+                buffer.seek(0)
+                checkpoint_path = buffer
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Upgrade keys an earlier version wrote, then fail naming every differing, missing and unexpected

@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from zoo.predict import RecordPredictionWriter
 from zoo.progress import ZooProgressBar, fit_summary
-from zoo.registry import import_named_classes, resolve_config
+from zoo.registry import import_class, import_named_classes, resolve_config
 
 __all__ = ["ZooCLI", "expand_overlays", "linked_model_arguments", "prepare_arguments", "run"]
 
@@ -102,11 +102,6 @@ def linked_model_arguments(datamodule: LightningDataModule, model_class: type) -
     return {target: getattr(datamodule, source) for source, target in links.items() if target in accepted}
 
 
-def _import_class(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 class ZooCLI(LightningCLI):
     """``LightningCLI`` with subclass mode, overlays, data-owned links and a report of where outputs went."""
 
@@ -145,13 +140,34 @@ class ZooCLI(LightningCLI):
             parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning merges a ``--ckpt_path`` checkpoint's hyper-parameters into the model's config; here they
+        are upgraded by the model class first, so checkpoints of earlier versions evaluate and resume too."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        from zoo.checkpointing import load_checkpoint_file
+
+        hparams = dict(load_checkpoint_file(ckpt_path, weights_only=True).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        class_path = hparams.pop("_class_path", None)
+        if class_path is not None:
+            model_class = import_class(class_path)
+            if hasattr(model_class, "upgrade_hyperparameters"):
+                hparams = model_class.upgrade_hyperparameters(hparams)
+            hparams = {"class_path": class_path, "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
     def instantiate_classes(self) -> None:
         """Build the data module first, feed its ``model_links`` into the model's arguments, then the rest."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         config[OVERLAY_KEY] = None  # already applied: the saved config.yaml is complete without its bases
         datamodule = self._instantiate_data(config)
         if datamodule is not None and config.get("model") is not None:
-            model_class = _import_class(config.model.class_path)
+            model_class = import_class(config.model.class_path)
             for name, value in linked_model_arguments(datamodule, model_class).items():
                 config.model.init_args[name] = value
         instantiators = (
@@ -170,7 +186,7 @@ class ZooCLI(LightningCLI):
         init_args = config.data.get("init_args") or Namespace()
         if not any(isinstance(v, Namespace) for v in vars(init_args).values()):
             # plain, already type-checked arguments: call the class, so its own errors reach the user unwrapped
-            return _import_class(config.data.class_path)(**vars(init_args))
+            return import_class(config.data.class_path)(**vars(init_args))
         parser = ArgumentParser(exit_on_error=False)
         parser.add_subclass_arguments(LightningDataModule, "data")
         return parser.instantiate(parser.parse_object({"data": config.data.as_dict()})).data

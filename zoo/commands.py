@@ -55,11 +55,45 @@ def _export_ema(argv: Sequence[str]) -> None:
     print(f"zoo: wrote {path} (EMA weights as the model's state_dict)")
 
 
+def _upgrade_checkpoint(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="zoo upgrade-checkpoint",
+        description="Rewrite a checkpoint of an earlier zoo version with today's argument names and weight keys "
+        "(the model classes also read such checkpoints directly).",
+    )
+    parser.add_argument("checkpoint", help="the checkpoint to read")
+    parser.add_argument("output", help="the checkpoint to write")
+    parser.add_argument(
+        "--model", help="its LightningModule (short or dotted name) when the checkpoint does not say"
+    )
+    args = parser.parse_args(argv)
+    import torch
+
+    from zoo.checkpointing import atomic_torch_save, load_checkpoint_file
+    from zoo.registry import import_class
+
+    checkpoint = load_checkpoint_file(args.checkpoint)
+    class_path = args.model or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if not class_path:
+        from zoo.errors import ZooError
+
+        raise ZooError(
+            f"{args.checkpoint} does not name its model class: pass --model (e.g. --model ImageClassifier)"
+        )
+    model_class = import_class(class_path)
+    atomic_torch_save(model_class.upgrade_checkpoint(checkpoint), args.output)
+    print(f"zoo: wrote {args.output} ({model_class.__name__}, torch {torch.__version__})")
+
+
 #: name -> (help, runner: a ``main(argv)`` given as ``"module:function"`` or a local function)
 TOOLS: dict[str, tuple[str, str | Callable[[Sequence[str]], None]]] = {
     "list": ("print the model table (name, task, parameters, config)", "zoo.registry:main"),
     "consolidate": ("merge a sharded FSDP/FSDP2 checkpoint into one file", _consolidate),
     "export-ema": ("write a checkpoint holding a run's EMA weights", _export_ema),
+    "upgrade-checkpoint": (
+        "rewrite a checkpoint of an earlier version with today's names",
+        _upgrade_checkpoint,
+    ),
     "evaluate-diffusion": (
         "conditional accuracy of a latent diffusion model, judged by a trained classifier",
         "zoo.diffusion.evaluation:main",

@@ -23,6 +23,7 @@ __all__ = [
     "MODELS",
     "ModelEntry",
     "config_path",
+    "import_class",
     "import_named_classes",
     "list_models",
     "measure_parameters",
@@ -326,6 +327,18 @@ def import_named_classes(args: Sequence[str], configs: Iterable[str] = ()) -> No
             unknown = True
     for module in sorted(modules | (set(FAMILIES) if unknown else set())):
         importlib.import_module(module)
+
+
+def import_class(name: str) -> type:
+    """A class by dotted path (``zoo.vision.ImageClassifier``) or by the short name configs use."""
+    if "." not in name:
+        if name not in CLASS_MODULES:
+            from zoo.errors import ZooError
+
+            raise ZooError(f"unknown class {name!r}: give its dotted path, e.g. zoo.vision.ImageClassifier")
+        name = f"{CLASS_MODULES[name]}.{name}"
+    module, _, attribute = name.rpartition(".")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def _flag_values(args: Sequence[str]) -> Iterable[str]:

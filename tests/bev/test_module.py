@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from zoo.bev import BEVFormerDetector, box_to_submission, upgrade_checkpoint
+from zoo.bev import BEVFormerDetector, box_to_submission
 from zoo.bev.metrics import ATTRIBUTE_NAMES
 from zoo.datamodules import BEVDetectionDataModule
 from zoo.datamodules.bev import collate_bev
@@ -99,17 +99,21 @@ def test_old_checkpoints_load_after_upgrade(tmp_path):
         "pytorch-lightning_version": lightning.__version__,
     }
     old["datamodule_hyper_parameters"].pop("img_size")
-    new = upgrade_checkpoint(old)
+    new = BEVFormerDetector.upgrade_checkpoint(old)
     assert "variant" in old["hyper_parameters"]  # the input is left as it was
     assert (
         new["hyper_parameters"]["model_name"] == "bevformer_cpu" and "config" not in new["hyper_parameters"]
     )
-    assert upgrade_checkpoint(new) == new
+    assert BEVFormerDetector.upgrade_checkpoint(new) == new
     torch.save(new, tmp_path / "upgraded.ckpt")
-    reloaded = BEVFormerDetector.load_from_checkpoint(tmp_path / "upgraded.ckpt")
-    assert reloaded.hparams.model_kwargs == SMALL_MODEL
+    torch.save(old, tmp_path / "old.ckpt")
+    for name in ("upgraded.ckpt", "old.ckpt"):  # the old one loads directly too
+        reloaded = BEVFormerDetector.load_from_checkpoint(tmp_path / name)
+        assert reloaded.hparams.model_kwargs == SMALL_MODEL
     assert reloaded.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in reloaded.state_dict().items())
     assert BEVDetectionDataModule.load_from_checkpoint(tmp_path / "upgraded.ckpt").img_size == (32, 56)
     with pytest.raises(ValueError, match="both old and new names"):
-        upgrade_checkpoint({"hyper_parameters": {"variant": "bevformer_cpu", "model_name": "bevformer_cpu"}})
+        BEVFormerDetector.upgrade_checkpoint(
+            {"hyper_parameters": {"variant": "bevformer_cpu", "model_name": "bevformer_cpu"}}
+        )

@@ -1,8 +1,8 @@
 """BEVFormer: multi-camera 3D detection with spatial and temporal attention, in pure PyTorch (timm backbone).
 
 ``from zoo.bev import BEVFormer, BEVFORMER_CONFIGS`` gives the network; ``BEVFormerDetector`` the
-LightningModule; ``NuScenesDetectionMetric`` the nuScenes detection metrics; ``upgrade_checkpoint`` renames
-the hyper-parameters of checkpoints written before ``model_name`` / ``model_kwargs`` / ``img_size``.
+LightningModule (which also reads checkpoints written before ``model_name`` / ``model_kwargs`` / ``img_size``);
+``NuScenesDetectionMetric`` the nuScenes detection metrics.
 """
 
 from zoo.bev.backbone import FPN, CameraEncoder
@@ -15,7 +15,6 @@ from zoo.bev.metrics import NuScenesDetectionMetric
 from zoo.bev.model import BEVFORMER_CONFIGS, NUSCENES_CLASSES, BEVFormer, BEVFormerConfig
 from zoo.bev.module import BEVFormerDetector
 from zoo.bev.records import box_to_submission, draw_top_down
-from zoo.bev.upgrade import upgrade_checkpoint
 
 __all__ = [
     "BEVFORMER_CONFIGS",
@@ -42,5 +41,4 @@ __all__ = [
     "hungarian_match",
     "multi_scale_deformable_attention",
     "project_to_cameras",
-    "upgrade_checkpoint",
 ]

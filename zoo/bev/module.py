@@ -42,6 +42,19 @@ class BEVFormerDetector(ZooModule):
 
     sharding_units = (BEVEncoderLayer, DetectionDecoderLayer)
     progress_bar_metrics = ("val/mAP", "val/NDS")
+    hparams_renames = (("variant", "model_name"), ("config", "model_kwargs"))
+    #: the data module's renamed arguments, which its hyper-parameters in a fit checkpoint still carry
+    datamodule_hparams_renames = {"image_size": "img_size"}
+
+    @classmethod
+    def upgrade_checkpoint(cls, checkpoint: dict) -> dict:
+        """The base's upgrade, and the data module's ``image_size`` -> ``img_size`` too."""
+        upgraded = super().upgrade_checkpoint(checkpoint)
+        if "datamodule_hyper_parameters" in upgraded:
+            renames = cls.datamodule_hparams_renames
+            data = upgraded["datamodule_hyper_parameters"]
+            upgraded["datamodule_hyper_parameters"] = {renames.get(k, k): v for k, v in data.items()}
+        return upgraded
 
     def __init__(
         self,

@@ -6,7 +6,6 @@ fair-esm and HF files from local paths.
 
 from zoo.predict import load_predictions
 from zoo.protein.alphabet import Alphabet, BatchConverter
-from zoo.protein.checkpoints import upgrade_checkpoint
 from zoo.protein.convert import fair_esm_to_hf, hf_to_fair_esm, load_esm2, save_fair_esm
 from zoo.protein.fasta import FastaIndex, ProteinRecord, read_fasta
 from zoo.protein.finetune import ESM2Finetuner, ESM2ResiduePredictor, ESM2SequencePredictor
@@ -37,5 +36,4 @@ __all__ = [
     "mask_tokens",
     "read_fasta",
     "save_fair_esm",
-    "upgrade_checkpoint",
 ]

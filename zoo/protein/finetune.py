@@ -35,6 +35,7 @@ from torchmetrics.regression import MeanSquaredError, PearsonCorrCoef, SpearmanC
 from zoo.base import IGNORE_INDEX, ZooModule
 from zoo.optim import WarmupCosineLR
 from zoo.protein.backbone import build_esm2, example_tokens, mean_over_residues, residue_lengths
+from zoo.protein.checkpoints import upgrade_size_arguments
 from zoo.protein.model import ESM2, ESM2Layer
 
 __all__ = ["LORA_TARGETS", "ESM2Finetuner", "ESM2ResiduePredictor", "ESM2SequencePredictor"]
@@ -77,6 +78,11 @@ class ESM2Finetuner(ZooModule):
     sharding_units = (ESM2Layer,)
     #: the data module's ``task`` this module learns (checked when a trainer starts)
     task: ClassVar[str]
+
+    @classmethod
+    def upgrade_hyperparameters(cls, hparams: dict) -> dict:
+        """``size`` and its overrides of earlier versions -> ``model_name`` / ``model_kwargs``."""
+        return upgrade_size_arguments(hparams)
 
     def __init__(
         self,

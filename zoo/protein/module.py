@@ -32,6 +32,7 @@ from zoo.protein.backbone import (
     mean_over_residues,
     residue_lengths,
 )
+from zoo.protein.checkpoints import upgrade_size_arguments
 from zoo.protein.metrics import ContactPrecision
 from zoo.protein.model import ESM2Layer
 
@@ -93,6 +94,11 @@ class ESM2MaskedLM(ZooModule):
 
     sharding_units = (ESM2Layer,)
     progress_bar_metrics = ("val/perplexity",)
+
+    @classmethod
+    def upgrade_hyperparameters(cls, hparams: dict) -> dict:
+        """``size`` and its overrides of earlier versions -> ``model_name`` / ``model_kwargs``."""
+        return upgrade_size_arguments(hparams)
 
     def __init__(
         self,

@@ -18,8 +18,7 @@ the argument existed predict indices.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import IO, Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -46,9 +45,6 @@ class ImageClassificationModule(ZooModule):
     arguments and builds ``self.model``, mapping ``(B, C, img_size, img_size)`` images to class logits.
     """
 
-    #: ``(old, new)`` hyper-parameter names of earlier versions, applied by ``load_from_checkpoint``.
-    hparams_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
-
     @staticmethod
     def check_classes(num_classes: int, class_names: list[str] | None) -> None:
         """Fail before anything is built when the class arguments cannot describe a classifier."""
@@ -56,17 +52,6 @@ class ImageClassificationModule(ZooModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | Path | IO, *args: Any, **kwargs: Any) -> Self:
-        """Lightning's loader; hyper-parameters a local checkpoint holds under ``hparams_renames``' old names
-        are passed under the new ones (Lightning would drop them as arguments ``__init__`` does not take)."""
-        if cls.hparams_renames and isinstance(checkpoint_path, (str, Path)):
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            saved = checkpoint.get("hyper_parameters", {})
-            renamed = {new: saved[old] for old, new in cls.hparams_renames if old in saved}
-            kwargs = {**renamed, **kwargs}
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @property
     def num_classes(self) -> int:
