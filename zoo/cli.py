@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from zoo.predict import RecordPredictionWriter
 from zoo.progress import ZooProgressBar, fit_summary
 from zoo.registry import import_class, import_named_classes, resolve_config
+from zoo.threads import choose_threads
 
 __all__ = ["ZooCLI", "expand_overlays", "linked_model_arguments", "prepare_arguments", "run"]
 
@@ -240,5 +241,7 @@ def _run_folder(ckpt_path: str | None) -> Path | None:
 
 
 def run(args: list[str]) -> None:
-    """``zoo fit|validate|test|predict ...`` (the ``zoo`` command, ``zoo.commands``, dispatches here)."""
+    """``zoo fit|validate|test|predict ...`` (the ``zoo`` command, ``zoo.commands``, dispatches here), with
+    PyTorch's CPU threads on the free cores unless ``OMP_NUM_THREADS`` is set (``zoo.threads``)."""
+    choose_threads()
     ZooCLI(args=args)
