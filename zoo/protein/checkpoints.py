@@ -13,7 +13,7 @@ from typing import Any
 
 from zoo.protein.model import preset_name
 
-__all__ = ["upgrade_size_arguments"]
+__all__ = ["OldSizeArguments", "upgrade_size_arguments"]
 
 #: the hyper-parameters that overrode the size preset field by field
 ARCHITECTURE_OVERRIDES = ("num_layers", "embed_dim", "attention_heads")
@@ -33,3 +33,11 @@ def upgrade_size_arguments(hparams: Mapping[str, Any]) -> dict[str, Any]:
         elif key not in ARCHITECTURE_OVERRIDES:
             upgraded[key] = value
     return upgraded
+
+
+class OldSizeArguments:
+    """Mixin of the protein modules: checkpoints written with ``size`` load (``ZooModule`` calls this hook)."""
+
+    @classmethod
+    def upgrade_hyperparameters(cls, hparams: dict) -> dict:
+        return upgrade_size_arguments(hparams)

@@ -35,7 +35,7 @@ from torchmetrics.regression import MeanSquaredError, PearsonCorrCoef, SpearmanC
 from zoo.base import IGNORE_INDEX, ZooModule
 from zoo.optim import WarmupCosineLR
 from zoo.protein.backbone import build_esm2, example_tokens, mean_over_residues, residue_lengths
-from zoo.protein.checkpoints import upgrade_size_arguments
+from zoo.protein.checkpoints import OldSizeArguments
 from zoo.protein.model import ESM2, ESM2Layer
 
 __all__ = ["LORA_TARGETS", "ESM2Finetuner", "ESM2ResiduePredictor", "ESM2SequencePredictor"]
@@ -62,7 +62,7 @@ def _check_class_names(class_names: list[str] | None, num_classes: int) -> None:
         raise ValueError(f"{len(class_names)} class names {class_names} for num_classes={num_classes}")
 
 
-class ESM2Finetuner(ZooModule):
+class ESM2Finetuner(OldSizeArguments, ZooModule):
     """Backbone loading, freezing and LoRA shared by the fine-tuning modules.
 
     Args:
@@ -78,11 +78,6 @@ class ESM2Finetuner(ZooModule):
     sharding_units = (ESM2Layer,)
     #: the data module's ``task`` this module learns (checked when a trainer starts)
     task: ClassVar[str]
-
-    @classmethod
-    def upgrade_hyperparameters(cls, hparams: dict) -> dict:
-        """``size`` and its overrides of earlier versions -> ``model_name`` / ``model_kwargs``."""
-        return upgrade_size_arguments(hparams)
 
     def __init__(
         self,

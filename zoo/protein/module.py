@@ -32,7 +32,7 @@ from zoo.protein.backbone import (
     mean_over_residues,
     residue_lengths,
 )
-from zoo.protein.checkpoints import upgrade_size_arguments
+from zoo.protein.checkpoints import OldSizeArguments
 from zoo.protein.metrics import ContactPrecision
 from zoo.protein.model import ESM2Layer
 
@@ -77,7 +77,7 @@ def mask_tokens(
     return inputs, labels
 
 
-class ESM2MaskedLM(ZooModule):
+class ESM2MaskedLM(OldSizeArguments, ZooModule):
     """ESM-2 trained by masked language modelling.
 
     Args:
@@ -94,11 +94,6 @@ class ESM2MaskedLM(ZooModule):
 
     sharding_units = (ESM2Layer,)
     progress_bar_metrics = ("val/perplexity",)
-
-    @classmethod
-    def upgrade_hyperparameters(cls, hparams: dict) -> dict:
-        """``size`` and its overrides of earlier versions -> ``model_name`` / ``model_kwargs``."""
-        return upgrade_size_arguments(hparams)
 
     def __init__(
         self,

@@ -34,7 +34,16 @@ def _uniform_prompts(count: int, length: int, dim: int, patch_area: int) -> nn.P
 
 
 class _FrozenBackboneMixin(nn.Module):
-    backbone: nn.Module
+    """A frozen backbone (weights and eval mode), to which a subclass adds prompts and a head."""
+
+    def __init__(self, backbone: nn.Module, num_prompts: int, deep: bool) -> None:
+        super().__init__()
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        self.backbone = backbone
+        self._freeze_backbone()  # before any prompt is attached inside it (Swin's windows)
+        self.num_prompts, self.deep = num_prompts, deep
+        self.patch_area = math.prod(backbone.patch_embed.patch_size)
 
     def _freeze_backbone(self) -> None:
         for param in self.backbone.parameters():
@@ -61,15 +70,9 @@ class PromptedViT(_FrozenBackboneMixin):
         deep: bool = False,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        if num_prompts < 1:
-            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
-        self.backbone = backbone
-        self._freeze_backbone()
-        self.num_prompts, self.deep = num_prompts, deep
-        patch_area = math.prod(backbone.patch_embed.patch_size)
+        super().__init__(backbone, num_prompts, deep)
         layers = len(backbone.blocks) if deep else 1
-        self.prompts = _uniform_prompts(layers, num_prompts, backbone.embed_dim, patch_area)
+        self.prompts = _uniform_prompts(layers, num_prompts, backbone.embed_dim, self.patch_area)
         self.prompt_dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.embed_dim, num_classes)
 
@@ -141,19 +144,13 @@ class PromptedSwin(_FrozenBackboneMixin):
         deep: bool = False,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        if num_prompts < 1:
-            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
         from timm.models.swin_transformer import SwinTransformerBlock
 
-        self.backbone = backbone
-        self._freeze_backbone()
-        self.num_prompts, self.deep = num_prompts, deep
-        patch_area = math.prod(backbone.patch_embed.patch_size)
+        super().__init__(backbone, num_prompts, deep)
         blocks = [m for m in backbone.modules() if isinstance(m, SwinTransformerBlock)]
         for block in blocks if deep else blocks[:1]:
             dim = block.norm1.normalized_shape[0]
-            block.attn = _PromptedWindowAttention(block.attn, num_prompts, dim, patch_area, dropout)
+            block.attn = _PromptedWindowAttention(block.attn, num_prompts, dim, self.patch_area, dropout)
         self.head = nn.Linear(backbone.num_features, num_classes)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
