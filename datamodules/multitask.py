@@ -11,6 +11,9 @@ Two ways to serve a step (``mode``):
   task; tasks take turns, or are drawn in proportion to their number of batches. The cost of a
   step no longer grows with the number of tasks.
 
+Batches are planned by ``TaskBatchSampler`` from ``(seed, epoch)``, and shared out between DDP ranks
+by its base ``EpochPlanBatchSampler`` from the ``DistributedSampler`` Lightning injects.
+
 Within a task, batches are length-bucketed: indices are shuffled, cut into pools of
 ``bucket_size`` batches, sorted by length inside each pool, so a batch pads little but the
 order stays random. Validation/test go through the tasks one after another, sorted by length.
@@ -22,27 +25,34 @@ per line: ``{"text": ...}`` (or ``"tokens": [...]``) plus ``"label"`` (int) for 
 classification, ``"tags"`` (ints, one per token) for token classification, ``"target"`` (number or
 list) for regression, ``"target"`` (text) for generation. Problems are reported with the file,
 the line and the task.
+
+``predict`` runs every task on each expression of ``predict_path`` (a text file, one expression a
+line), or by default on the test split's expressions.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from zoo.base import IGNORE_INDEX
+from zoo.datamodules.epoch_plans import EpochPlanBatchSampler, one_process_sampler, padded_to_multiple
 from zoo.datamodules.splits import SplitDataModule
 from zoo.multitask.arithmetic import (
     ALPHABET,
+    ARITHMETIC_TASKS,
+    DEFAULT_TASKS,
     REGRESSION_SCALE,
-    ROLE_TAGS,
     corrupt,
     is_well_formed,
     parse,
@@ -56,29 +66,21 @@ from zoo.multitask.tasks import (
     TaskSpec,
     validate_tasks,
 )
-from zoo.multitask.vocab import EOS_ID, PAD_ID, Vocabulary
+from zoo.multitask.vocab import EOS_ID, PAD_ID, SPECIAL_TOKENS, Vocabulary
 
 __all__ = [
     "ARITHMETIC_TASKS",
     "MultitaskDataModule",
+    "PredictTexts",
     "TaskBatchSampler",
     "TaskDataset",
     "arithmetic_examples",
+    "read_expressions",
     "read_task_jsonl",
 ]
 
-IGNORE_INDEX = -100
 COMBINED_MODES = ("max_size_cycle", "min_size", "max_size", "sequential")
 SAMPLER_MODES = ("round_robin", "proportional")
-
-#: the embedded tasks: name -> declaration (a YAML ``tasks:`` list may pick and re-weight them)
-ARITHMETIC_TASKS: dict[str, TaskSpec] = {
-    "wellformed": TaskSpec("wellformed", SEQUENCE_CLASSIFICATION, num_classes=2),
-    "roles": TaskSpec("roles", TOKEN_CLASSIFICATION, num_classes=len(ROLE_TAGS)),
-    "value": TaskSpec("value", GENERATION, max_target_length=8),
-    "value_regression": TaskSpec("value_regression", REGRESSION, num_classes=1),
-}
-DEFAULT_TASKS = ("wellformed", "roles", "value")
 
 
 @dataclass
@@ -129,22 +131,34 @@ class TaskDataset(Dataset):
 
 
 class TaskBatches(Dataset):
-    """Indexed by ``(task, indices)`` (what ``TaskBatchSampler`` yields): the collated batch.
+    """Every task's examples in one index space, task after task; ``collate`` makes one task's batch.
 
-    ``keyed`` wraps it as ``{task: batch}`` (a task-sampler step); per-task loaders inside a
-    ``CombinedLoader`` leave it bare, and the ``CombinedLoader`` adds the task key.
+    An item is ``(task, index in the task)``; a batch (``TaskBatchSampler`` keeps each to one task) is
+    collated by that task's ``TaskDataset``. ``keyed`` wraps it as ``{task: batch}`` (a task-sampler step,
+    evaluation); per-task loaders inside a ``CombinedLoader`` leave it bare, and the ``CombinedLoader``
+    adds the task key.
     """
 
     def __init__(self, datasets: dict[str, TaskDataset], keyed: bool) -> None:
         self.datasets = datasets
         self.keyed = keyed
+        self.tasks = list(datasets)
+        self.starts = list(itertools.accumulate((len(d) for d in datasets.values()), initial=0))
 
     def __len__(self) -> int:
-        return sum(len(d) for d in self.datasets.values())
+        return self.starts[-1]
 
-    def __getitem__(self, item: tuple[str, tuple[int, ...]]):
-        task, indices = item
-        batch = self.datasets[task].collate(indices)
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        position = bisect.bisect_right(self.starts, index) - 1
+        return self.tasks[position], index - self.starts[position]
+
+    def collate(self, items: list[tuple[str, int]]):
+        task = items[0][0]
+        if any(t != task for t, _ in items):
+            raise ValueError(
+                f"a batch mixes tasks {sorted({t for t, _ in items})}; each batch holds one task"
+            )
+        batch = self.datasets[task].collate([i for _, i in items])
         return {task: batch} if self.keyed else batch
 
 
@@ -173,26 +187,26 @@ def bucketed_batches(
     return batches
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class TaskBatchSampler(Sampler):
-    """Yields ``(task, indices)`` batches under a policy; the plan is a function of (seed, epoch).
+class TaskBatchSampler(EpochPlanBatchSampler):
+    """Batches of one task each under a policy; the plan is a function of (seed, epoch).
 
     ``policy``: ``sequential`` (task after task), ``round_robin`` (tasks take turns; exhausted tasks
     drop out), ``proportional`` (a uniform shuffle of all tasks' batches, so each task is drawn in
-    proportion to its size). Under ``torch.distributed`` each rank takes every world-size-th batch
-    of the same plan (truncated to equal counts), so ranks never share a batch. Lightning calls
-    ``set_epoch`` (it finds this sampler as ``DataLoader.sampler``) for a new plan every epoch.
+    proportion to its size). Batches hold indices of ``TaskBatches`` (the tasks of ``lengths``, in
+    order, in one index space). ``EpochPlanBatchSampler`` reads the epoch from ``sampler`` (Lightning
+    calls its ``set_epoch``) and, under DDP, the rank and world size.
+
+    Under DDP every rank runs a batch of the same task at each step, so the same heads, metric groups
+    and logged names take part in each step's collectives: the plan is laid out in runs of world-size
+    batches of one task (each task's batches padded with its first ones to a multiple of the world
+    size), and rank ``r`` takes the ``r``-th batch of every run. In one process that is the plain plan.
     """
 
     POLICIES = ("sequential", "round_robin", "proportional")
 
     def __init__(
         self,
+        sampler: Sampler,
         lengths: dict[str, list[int]],
         batch_size: int | dict[str, int],
         policy: str = "sequential",
@@ -208,46 +222,45 @@ class TaskBatchSampler(Sampler):
         for task in lengths:
             if sizes.get(task, 0) < 1:
                 raise ValueError(f"task {task!r}: batch size must be >= 1, got {sizes.get(task)}")
+        self.sampler = sampler
         self.lengths, self.batch_sizes, self.policy = lengths, sizes, policy
         self.shuffle, self.bucket_size, self.seed = shuffle, bucket_size, seed
-        self.epoch = 0
+        starts = itertools.accumulate((len(task_lengths) for task_lengths in lengths.values()), initial=0)
+        self.starts = dict(zip(lengths, starts))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def plan(self) -> list[tuple[str, tuple[int, ...]]]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch) if self.shuffle else None
-        per_task = {
-            task: [
-                (task, tuple(b))
-                for b in bucketed_batches(lengths, self.batch_sizes[task], self.bucket_size, generator)
+    def task_batches(self, epoch: int, world: int = 1) -> list[tuple[str, list[int]]]:
+        """The epoch's ``(task, indices within the task)`` batches in the policy's order, in runs of ``world``."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch) if self.shuffle else None
+        runs = {}
+        for task, lengths in self.lengths.items():
+            batches = bucketed_batches(lengths, self.batch_sizes[task], self.bucket_size, generator)
+            batches = padded_to_multiple(batches, world)
+            runs[task] = [[(task, b) for b in batches[i : i + world]] for i in range(0, len(batches), world)]
+        if self.policy == "round_robin":
+            longest = max(len(task_runs) for task_runs in runs.values())
+            ordered = [
+                task_runs[i] for i in range(longest) for task_runs in runs.values() if i < len(task_runs)
             ]
-            for task, lengths in self.lengths.items()
-        }
-        if self.policy == "sequential":
-            batches = [b for task_batches in per_task.values() for b in task_batches]
-        elif self.policy == "round_robin":
-            longest = max(len(b) for b in per_task.values())
-            batches = [tb[i] for i in range(longest) for tb in per_task.values() if i < len(tb)]
         else:
-            batches = [b for task_batches in per_task.values() for b in task_batches]
-            order = (
-                torch.randperm(len(batches), generator=generator).tolist() if generator is not None else None
-            )
-            batches = [batches[i] for i in order] if order is not None else batches
-        rank, world = _rank_and_world()
-        if world > 1:
-            keep = len(batches) // world * world
-            batches = batches[:keep][rank::world]
-        return batches
+            ordered = [run for task_runs in runs.values() for run in task_runs]
+            if self.policy == "proportional" and generator is not None:
+                ordered = [ordered[i] for i in torch.randperm(len(ordered), generator=generator).tolist()]
+        return [batch for run in ordered for batch in run]
 
-    def __iter__(self):
-        # a generator: the plan is drawn at the first ``next``, so a ``set_epoch`` that Lightning
-        # calls after creating the iterator (as it does when resuming) still decides the order
-        yield from self.plan()
+    def rank_batches(self, epoch: int, world: int) -> list[list[int]]:
+        return [[self.starts[task] + i for i in indices] for task, indices in self.task_batches(epoch, world)]
 
-    def __len__(self) -> int:
-        return len(self.plan())
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        return self.rank_batches(epoch, world=1)
+
+    def num_rank_batches(self, world: int) -> int:
+        return sum(
+            -(-math.ceil(len(lengths) / self.batch_sizes[task]) // world)
+            for task, lengths in self.lengths.items()
+        )
+
+    def num_epoch_batches(self) -> int:
+        return self.num_rank_batches(world=1)
 
 
 # ---------------------------------------------------------------------------------- embedded data
@@ -300,6 +313,16 @@ def arithmetic_examples(
             target = [*vocab.encode(str(parse(text).value)), EOS_ID]
             examples.append(Example(ids, target_ids=target))
     return examples, texts
+
+
+def with_embedded_label_names(spec: TaskSpec) -> TaskSpec:
+    """``spec`` naming its classes as the embedded task does (which predictions report), when it declares
+    the embedded task's classes and names none itself."""
+    reference = ARITHMETIC_TASKS[spec.name]
+    same_classes = (spec.type, spec.num_classes) == (reference.type, reference.num_classes)
+    if spec.label_names is not None or not same_classes:
+        return spec
+    return replace(spec, label_names=reference.label_names)
 
 
 # ------------------------------------------------------------------------------------------ JSONL
@@ -401,9 +424,60 @@ def _encode(pairs, spec: TaskSpec, vocab: Vocabulary) -> list[Example]:
     return examples
 
 
+# ---------------------------------------------------------------------------------------- predict
+def read_expressions(path: str | Path, vocab: Vocabulary) -> list[str]:
+    """The expressions of a text file, one a line (blank lines skipped), every token in ``vocab``."""
+    path = Path(path)
+    kind = "character" if vocab.tokenizer == "char" else "token"
+    tokens = vocab.itos[len(SPECIAL_TOKENS) :]
+    known = repr("".join(tokens)) if kind == "character" else f"of {len(tokens)} tokens read from the data"
+    texts = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            for position, token in enumerate(vocab.split(text)):
+                if token not in vocab.stoi or vocab.stoi[token] < len(SPECIAL_TOKENS):
+                    raise ValueError(
+                        f"{path}:{line_no}: {kind} {token!r} at position {position} "
+                        f"is outside the vocabulary {known}"
+                    )
+            texts.append(text)
+    if not texts:
+        raise ValueError(f"{path}: the file holds no expression (expected one a line)")
+    return texts
+
+
+class PredictTexts(Dataset):
+    """Expressions to predict on; ``collate`` pads some into ``{"text", "input_ids", "padding_mask"}``."""
+
+    def __init__(self, texts: list[str], vocab: Vocabulary) -> None:
+        self.texts = texts
+        self.ids = [vocab.encode(text) for text in texts]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> tuple[str, list[int]]:
+        return self.texts[index], self.ids[index]
+
+    @staticmethod
+    def collate(items: list[tuple[str, list[int]]]) -> dict[str, Any]:
+        width = max(len(ids) for _, ids in items)
+        input_ids = torch.full((len(items), width), PAD_ID, dtype=torch.long)
+        for row, (_, ids) in enumerate(items):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+        return {
+            "text": [text for text, _ in items],
+            "input_ids": input_ids,
+            "padding_mask": input_ids.ne(PAD_ID),
+        }
+
+
 # ------------------------------------------------------------------------------------- DataModule
 class MultitaskDataModule(SplitDataModule):
-    """Batches ``{task: batch}`` for ``zoo.multitask.MultitaskModule``; ``tasks`` and ``vocab_size`` link into it.
+    """Batches ``{task: batch}`` for ``zoo.multitask.MultitaskModule``; tasks and vocabulary link into it.
 
     Args:
         tasks: task declarations; ``None`` is the embedded wellformed / roles / value tasks.
@@ -418,10 +492,17 @@ class MultitaskDataModule(SplitDataModule):
         train_size / val_size / test_size: examples per embedded task and split.
         min_operands / max_operands / max_products: size of the embedded expressions (operands,
             ``*`` operators); the defaults keep values within -81..162.
+        predict_path: a text file of expressions to predict on, one a line, written in the vocabulary
+            (a character outside it fails naming the file and line); ``None``: the test split's expressions.
     """
 
     #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
-    model_links: ClassVar[dict[str, str]] = {"tasks": "tasks", "vocab_size": "vocab_size"}
+    model_links: ClassVar[dict[str, str]] = {
+        "task_declarations": "tasks",
+        "vocab_size": "vocab_size",
+        "vocab_tokens": "vocab_tokens",
+        "tokenizer": "tokenizer",
+    }
 
     def __init__(
         self,
@@ -442,6 +523,7 @@ class MultitaskDataModule(SplitDataModule):
         held_out: bool = True,
         seed: int = 0,
         num_workers: int = 0,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tasks"])
@@ -457,8 +539,11 @@ class MultitaskDataModule(SplitDataModule):
                         f"task {spec.name!r} is not an embedded arithmetic task ({', '.join(ARITHMETIC_TASKS)}); "
                         "set data_dir to a folder of JSONL files for other tasks"
                     )
+            specs = [with_embedded_label_names(spec) for spec in specs]
         elif not Path(data_dir).is_dir():
             raise FileNotFoundError(f"data_dir {data_dir!r} is not a directory")
+        if predict_path is not None and not Path(predict_path).is_file():
+            raise FileNotFoundError(f"predict_path {predict_path!r} is not a file")
         if not 1 <= min_operands <= max_operands:
             raise ValueError(f"need 1 <= min_operands <= max_operands, got {min_operands}, {max_operands}")
         self.tasks = specs
@@ -468,10 +553,11 @@ class MultitaskDataModule(SplitDataModule):
                 f"task_batch_sizes names undeclared task(s) {sorted(unknown)}; the declared tasks are "
                 f"{', '.join(t.name for t in specs)} (override task_batch_sizes along with tasks)"
             )
-        self.hparams["tasks"] = [asdict(t) for t in specs]  # plain dicts: checkpoints load weights-only
+        self.hparams["tasks"] = self.task_declarations  # plain dicts: checkpoints load weights-only
         self._vocabulary: Vocabulary | None = None
         self._pairs: dict[str, dict[str, list]] | None = None
         self.datasets: dict[str, dict[str, TaskDataset]] = {}
+        self.predict_set: PredictTexts | None = None
 
     # -- what the model needs to know, before setup
     @property
@@ -495,6 +581,20 @@ class MultitaskDataModule(SplitDataModule):
     def vocab_size(self) -> int:
         return len(self.vocabulary)
 
+    @property
+    def task_declarations(self) -> list[dict[str, Any]]:
+        """The tasks as plain dicts, as YAML declares them: what the model gets (and config.yaml records)."""
+        return [asdict(spec) for spec in self.tasks]
+
+    @property
+    def vocab_tokens(self) -> list[str]:
+        """The vocabulary's tokens by id: the model decodes generated ids with them."""
+        return list(self.vocabulary.itos)
+
+    @property
+    def tokenizer(self) -> str:
+        return self.hparams.tokenizer
+
     def _read_jsonl(self) -> dict[str, dict[str, list]]:
         if self._pairs is None:
             root = Path(self.hparams.data_dir)
@@ -513,8 +613,23 @@ class MultitaskDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage == "fit" and self.hparams.mode == "sequential":
             self._reject_sequential()
-        if self.datasets:
-            return
+        if not self.datasets:
+            self.datasets = self._task_splits()
+        if stage in (None, "predict") and self.predict_set is None:
+            self.predict_set = PredictTexts(self._predict_texts(), self.vocabulary)
+
+    def _predict_texts(self) -> list[str]:
+        """The expressions of ``predict_path``, else every distinct test expression (task after task)."""
+        if self.hparams.predict_path is not None:
+            return read_expressions(self.hparams.predict_path, self.vocabulary)
+        texts = (
+            self.vocabulary.decode(example.input_ids)
+            for dataset in self.datasets["test"].values()
+            for example in dataset.examples
+        )
+        return list(dict.fromkeys(texts))
+
+    def _task_splits(self) -> dict[str, dict[str, TaskDataset]]:
         hp = self.hparams
         vocab = self.vocabulary
         splits: dict[str, dict[str, TaskDataset]] = {"train": {}, "val": {}, "test": {}}
@@ -536,7 +651,7 @@ class MultitaskDataModule(SplitDataModule):
                 parts.setdefault("test", parts["val"])
             for split, examples in parts.items():
                 splits[split][spec.name] = TaskDataset(spec, examples)
-        self.datasets = splits
+        return splits
 
     def _reject_sequential(self) -> None:
         raise ValueError(
@@ -554,7 +669,9 @@ class MultitaskDataModule(SplitDataModule):
             batch_size = {name: (hp.task_batch_sizes or {}).get(name, hp.batch_size) for name in datasets}
         else:
             batch_size = hp.eval_batch_size or hp.batch_size
+        batches = TaskBatches(datasets, keyed=keyed)
         sampler = TaskBatchSampler(
+            one_process_sampler(batches),
             {name: d.lengths for name, d in datasets.items()},
             batch_size,
             policy,
@@ -563,9 +680,9 @@ class MultitaskDataModule(SplitDataModule):
             hp.seed,
         )
         return DataLoader(
-            TaskBatches(datasets, keyed=keyed),
-            batch_size=None,
-            sampler=sampler,
+            batches,
+            batch_sampler=sampler,
+            collate_fn=batches.collate,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
         )
@@ -593,4 +710,12 @@ class MultitaskDataModule(SplitDataModule):
         return self._eval_loader("test")
 
     def predict_dataloader(self):
-        return self._eval_loader("test")
+        """Expressions in file order, ``{"text", "input_ids", "padding_mask"}``: every task runs on each."""
+        hp = self.hparams
+        return DataLoader(
+            self.predict_set,
+            batch_size=hp.eval_batch_size or hp.batch_size,
+            collate_fn=PredictTexts.collate,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )

@@ -45,8 +45,8 @@ def test_every_config_runs_and_its_checkpoint_reloads(config, tmp_path):
     reloaded = type(cli.model).load_from_checkpoint(checkpoint, map_location="cpu")
     expected = cli.model.state_dict()
     assert reloaded.state_dict().keys() == expected.keys()
-    for key, value in reloaded.state_dict().items():
-        assert torch.equal(value, expected[key]), key
+    for key, value in reloaded.state_dict().items():  # NaN marks an empty history (the loss-trend weighting)
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 def test_data_determined_values_are_linked_into_the_model(tmp_path):

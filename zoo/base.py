@@ -134,11 +134,20 @@ class ZooModule(LightningModule):
         return values
 
     def _log_stage_metrics(self, stage: str) -> None:
+        keys = [key for key in self.metrics if key.startswith(f"{stage}_")]
+        updated = torch.tensor(
+            [any(getattr(m, "update_count", 0) for m in self.metrics[key].values()) for key in keys],
+            dtype=torch.float32,
+            device=self.device,
+        )
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # every rank computes the same groups: compute() is a collective, and a rank whose batches never
+            # reached a group (another task's) must still take part in its synchronisation
+            updated = self.trainer.strategy.reduce(updated, reduce_op="sum")
         values: dict[str, torch.Tensor] = {}
-        for key, collection in self.metrics.items():
-            if not key.startswith(f"{stage}_"):
-                continue
-            if any(getattr(m, "update_count", 0) for m in collection.values()):
+        for key, was_updated in zip(keys, updated.tolist()):
+            collection = self.metrics[key]
+            if was_updated:
                 values.update(collection.compute())  # synchronised across ranks by torchmetrics
             collection.reset()
         if not values:

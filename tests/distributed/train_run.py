@@ -187,9 +187,10 @@ def build_model(family: str, fixed_masks: bool):
             lr_scheduler=scheduler,
         ), ImageSet
     if family == "multitask":
+        architecture = {"num_heads": 4, "num_kv_heads": 2, "num_layers": 2, "task_layers": 1}
         return MultitaskModule(
-            VOCAB, TASKS, d_model=32, num_heads=4, num_kv_heads=2, num_layers=2, task_layers=1,
-            decoder_layers=1, optimizer=optimizer, lr_scheduler=scheduler,
+            VOCAB, TASKS, model_name="multitask_tiny", model_kwargs=architecture, optimizer=optimizer,
+            lr_scheduler=scheduler,
         ), TaskSet  # fmt: skip
     if family == "ldm":
         from tests.diffusion.conftest import TINY_AE, TINY_UNET

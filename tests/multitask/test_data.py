@@ -1,4 +1,5 @@
-"""Embedded arithmetic tasks, JSONL input with line-level errors, combined loaders and task sampling."""
+"""Embedded arithmetic tasks, JSONL input with line-level errors, combined loaders, task sampling and
+the expressions to predict on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
+from zoo.datamodules.epoch_plans import one_process_sampler
 from zoo.datamodules.multitask import (
     ARITHMETIC_TASKS,
     MultitaskDataModule,
@@ -118,20 +121,46 @@ def test_fit_rejects_the_sequential_mode_with_an_explanation():
         MultitaskDataModule(mode="zip")
 
 
+def task_sampler(lengths: dict[str, list[int]], *args, sampler=None, **kwargs) -> TaskBatchSampler:
+    total = sum(len(task_lengths) for task_lengths in lengths.values())
+    return TaskBatchSampler(sampler or one_process_sampler(range(total)), lengths, *args, **kwargs)
+
+
 def test_task_sampler_round_robin_and_proportional():
     lengths = {"a": [3] * 64, "b": [3] * 16}  # 4 and 1 batches of 16
-    rr = TaskBatchSampler(lengths, 16, "round_robin", seed=0)
-    assert [t for t, _ in rr] == ["a", "b", "a", "a", "a"]
-    prop = TaskBatchSampler({"a": [3] * 800, "b": [3] * 160}, 16, "proportional", seed=0)
-    counts = Counter(t for t, _ in prop)
-    assert counts == {"a": 50, "b": 10}
-    first = [t for t, _ in prop]
-    prop.set_epoch(1)
-    assert [t for t, _ in prop] != first  # a new order every epoch, fixed by (seed, epoch)
-    prop.set_epoch(0)
-    assert [t for t, _ in prop] == first
-    every = sorted(i for _, idx in prop for i in idx if _ == "a")
-    assert every == list(range(800))
+    rr = task_sampler(lengths, 16, "round_robin", seed=0)
+    assert [t for t, _ in rr.task_batches(0)] == ["a", "b", "a", "a", "a"]
+    assert [min(batch) // 64 for batch in rr] == [0, 1, 0, 0, 0]  # "b" follows "a" in one index space
+    prop = task_sampler({"a": [3] * 800, "b": [3] * 160}, 16, "proportional", seed=0)
+    counts = Counter(t for t, _ in prop.task_batches(0))
+    assert counts == {"a": 50, "b": 10} and len(prop) == 60
+    first = list(prop)
+    prop.sampler.set_epoch(1)  # what Lightning calls every epoch
+    assert list(prop) != first  # a new order every epoch, fixed by (seed, epoch)
+    prop.sampler.set_epoch(0)
+    assert list(prop) == first
+    assert sorted(i for batch in prop for i in batch) == list(range(960))
+
+
+def test_task_sampler_shares_out_one_plan_between_ranks():
+    """Under DDP, Lightning gives the sampler a DistributedSampler: the ranks split one plan and run a batch
+    of the same task at every step (so the same heads and logged names join each step's collectives)."""
+    lengths = {"a": [3] * 64, "b": [3] * 40}  # 4 + 3 batches of 16: "b" is padded with its first batch
+    samplers = [
+        task_sampler(lengths, 16, "proportional", sampler=DistributedSampler(range(104), 2, rank))
+        for rank in (0, 1)
+    ]
+    ranks = [list(sampler) for sampler in samplers]
+    assert len(ranks[0]) == len(ranks[1]) == len(samplers[0]) == 4
+    tasks = [["a" if batch[0] < 64 else "b" for batch in rank] for rank in ranks]
+    assert tasks[0] == tasks[1]
+    served, plan = ranks[0] + ranks[1], samplers[0].epoch_batches(0)  # the one-process plan
+    assert all(batch in served for batch in plan) and len(served) == len(plan) + 1
+    # more ranks than a task has batches: its batches repeat until every rank has one
+    shares = [
+        list(task_sampler({"a": [3] * 16}, 16, sampler=DistributedSampler(range(16), 4, r))) for r in range(4)
+    ]
+    assert [[sorted(batch) for batch in share] for share in shares] == [[list(range(16))]] * 4
 
 
 def test_sampler_mode_serves_one_task_per_step():
@@ -139,6 +168,40 @@ def test_sampler_mode_serves_one_task_per_step():
     batches = list(dm.train_dataloader())
     assert all(len(b) == 1 for b in batches)
     assert Counter(next(iter(b)) for b in batches) == dict.fromkeys(ARITHMETIC_TASKS, 6)
+    value = next(b["value"] for b in batches if "value" in b)
+    assert value["input_ids"].shape[0] == 16 and "target_ids" in value
+
+
+def test_predict_reads_one_expression_a_line(tmp_path):
+    path = tmp_path / "expressions.txt"
+    path.write_text("3+4*2\n\n(1+2)*3\n")
+    dm = small(predict_path=str(path))
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["text"] == ["3+4*2", "(1+2)*3"]
+    assert dm.vocabulary.decode(batch["input_ids"][1]) == "(1+2)*3"
+    assert batch["padding_mask"].sum(1).tolist() == [5, 7]
+
+
+def test_predict_defaults_to_the_test_expressions():
+    dm = small(test_size=8, tasks=[ARITHMETIC_TASKS["wellformed"], ARITHMETIC_TASKS["value"]])
+    dm.setup("predict")
+    texts = [text for batch in dm.predict_dataloader() for text in batch["text"]]
+    expected = [dm.vocabulary.decode(e.input_ids) for d in dm.datasets["test"].values() for e in d.examples]
+    assert texts == list(dict.fromkeys(expected)) and len(texts) > 8
+
+
+def test_a_character_outside_the_vocabulary_names_the_file_and_line(tmp_path):
+    path = tmp_path / "expressions.txt"
+    path.write_text("3+4\n2 / 5\n")
+    dm = small(predict_path=str(path))
+    with pytest.raises(
+        ValueError,
+        match=r"expressions.txt:2: character ' ' at position 1 is outside the vocabulary '0123456789\+-\*",
+    ):
+        dm.setup("predict")
+    with pytest.raises(FileNotFoundError, match=r"predict_path 'missing\.txt' is not a file"):
+        MultitaskDataModule(predict_path="missing.txt")
 
 
 def test_length_bucketing_reduces_padding():
@@ -191,6 +254,18 @@ def test_jsonl_tasks_load_with_one_shared_vocabulary(jsonl_dir):
     assert len(dm.datasets["test"]["pos"]) == 1  # no test.jsonl: the validation file is used
     batch = next(iter(dm.val_dataloader()))
     assert set(batch) == {"sentiment"}
+
+
+def test_predict_on_word_level_data_names_an_unknown_word(jsonl_dir, tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("good film\na great film\n")
+    dm = MultitaskDataModule(
+        tasks=JSONL_TASKS, data_dir=str(jsonl_dir), tokenizer="whitespace", predict_path=str(path)
+    )
+    with pytest.raises(
+        ValueError, match=r"texts.txt:2: token 'great' at position 1 is outside the vocabulary of 4"
+    ):
+        dm.setup("predict")
 
 
 @pytest.mark.parametrize(

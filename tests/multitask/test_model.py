@@ -1,6 +1,8 @@
-"""The network: heads per task type, sharing strategies, padding, GQA/rotary/sinusoidal attention."""
+"""The network: presets, heads per task type, sharing strategies, padding, GQA/rotary/sinusoidal attention."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from torch import nn
 
 from zoo.multitask import MultitaskTransformer, TaskSpec
 from zoo.multitask.attention import Attention, RotaryEmbedding
+from zoo.multitask.model import PRESETS
 from zoo.multitask.vocab import PAD_ID
 
 VOCAB = 20
@@ -19,6 +22,14 @@ def batch(b: int = 3, t: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     mask = torch.ones(b, t, dtype=torch.bool)
     mask[0, 6:] = False
     return ids.masked_fill(~mask, PAD_ID), mask
+
+
+def test_presets_name_architectures(tasks):
+    """``multitask_small`` is the constructor's defaults, over which old checkpoints are upgraded."""
+    parameters = inspect.signature(MultitaskTransformer).parameters.values()
+    assert PRESETS["multitask_small"] == {p.name: p.default for p in parameters if p.default is not p.empty}
+    model = MultitaskTransformer.from_preset("multitask_tiny", VOCAB, tasks, num_layers=2)
+    assert (model.d_model, len(model.shared), len(model.task_layers["cls"])) == (32, 2, 1)
 
 
 @pytest.mark.parametrize("sharing", ["full", "partial", "adapters"])

@@ -16,6 +16,7 @@ from zoo.multitask import (
     TaskSpec,
     UncertaintyWeighting,
 )
+from zoo.multitask.weighting import weighting_from_config
 
 TASKS = [
     TaskSpec("a", "sequence_classification", num_classes=2, loss_weight=2.0),
@@ -140,3 +141,18 @@ def test_weighting_state_is_in_the_state_dict():
     copy = bound(DynamicWeightAverage())
     copy.load_state_dict(w.state_dict())
     assert copy.weights() == w.weights()
+
+
+@pytest.mark.parametrize(
+    "weighting",
+    [StaticWeighting(), UncertaintyWeighting(0.5, lr=0.01), DynamicWeightAverage(3.0), GradNorm(alpha=1.0),
+     LossTrend(patience=3, boost=2.0)],
+    ids=lambda w: type(w).__name__,
+)  # fmt: skip
+def test_a_weighting_is_built_again_from_its_config(weighting):
+    config = weighting.config()
+    rebuilt = weighting_from_config(config)
+    assert type(rebuilt) is type(weighting) and rebuilt.config() == config
+    bound(rebuilt).load_state_dict(bound(weighting).state_dict())
+    with pytest.raises(ValueError, match=r"'torch\.nn\.Linear' is not a TaskWeighting"):
+        weighting_from_config({"class_path": "torch.nn.Linear", "init_args": {}})

@@ -1,7 +1,8 @@
 """Shared-encoder multitask Transformer: per-task layers and heads, cached decoding, task weighting.
 
 ``from zoo.multitask import MultitaskTransformer, MultitaskModule, TaskSpec, GradNorm``; the data
-module is ``zoo.datamodules.MultitaskDataModule``.
+module is ``zoo.datamodules.MultitaskDataModule``. ``MultitaskModule`` also reads checkpoints written
+before the architecture became ``model_name`` + ``model_kwargs``.
 """
 
 from zoo.multitask.decoding import beam_search, greedy_search

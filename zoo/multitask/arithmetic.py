@@ -7,6 +7,7 @@ token play (token classification: a digit that is a factor of a product is tagge
 from one that is a term of a sum, so the tags need operator precedence and parentheses), and what
 is its value (generation of the decimal digits; regression of ``value / 100`` as a fourth,
 optional task). One recursive-descent parser is the single source of every label.
+``ARITHMETIC_TASKS`` declares the tasks; ``MultitaskDataModule`` and ``MultitaskModule`` default to them.
 
 Grammar::
 
@@ -20,8 +21,20 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from zoo.multitask.tasks import (
+    GENERATION,
+    REGRESSION,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+    TaskSpec,
+)
+from zoo.multitask.vocab import SPECIAL_TOKENS
+
 __all__ = [
     "ALPHABET",
+    "ARITHMETIC_TASKS",
+    "ARITHMETIC_VOCAB_SIZE",
+    "DEFAULT_TASKS",
     "ROLE_TAGS",
     "ExpressionError",
     "Parsed",
@@ -33,10 +46,22 @@ __all__ = [
 DIGITS = "0123456789"
 OPERATORS = "+-*"
 ALPHABET = DIGITS + OPERATORS + "()"
+#: the shared character vocabulary's size: the special tokens, then the alphabet
+ARITHMETIC_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(ALPHABET)
 #: token-classification labels, in id order
 ROLE_TAGS = ("term", "factor", "plus", "minus", "times", "open", "close")
 _OP_TAG = {"+": 2, "-": 3, "*": 4}
 REGRESSION_SCALE = 100.0
+
+#: the embedded tasks: name -> declaration (a YAML ``tasks:`` list may pick and re-weight them)
+ARITHMETIC_TASKS: dict[str, TaskSpec] = {
+    "wellformed": TaskSpec("wellformed", SEQUENCE_CLASSIFICATION, num_classes=2, label_names=["no", "yes"]),
+    "roles": TaskSpec("roles", TOKEN_CLASSIFICATION, num_classes=len(ROLE_TAGS), label_names=list(ROLE_TAGS)),
+    "value": TaskSpec("value", GENERATION, max_target_length=8),
+    "value_regression": TaskSpec("value_regression", REGRESSION, num_classes=1),
+}
+#: the tasks used when none are declared
+DEFAULT_TASKS = ("wellformed", "roles", "value")
 
 
 class ExpressionError(ValueError):

@@ -10,25 +10,74 @@ Sharing strategies (``sharing``):
 - ``partial``: ``num_layers`` shared layers, then ``task_layers`` layers owned by each task.
 - ``adapters``: shared layers, each with a bottleneck adapter per task (``adapter_dim``);
   ``task_layers`` may add private layers on top.
+
+``PRESETS`` names architectures (``MultitaskTransformer.from_preset``, ``MultitaskModule(model_name=...)``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from zoo.multitask.attention import KVCache, sinusoidal_positions
 from zoo.multitask.heads import Decoder, build_head
-from zoo.multitask.layers import DecoderLayer, EncoderLayer
+from zoo.multitask.layers import EncoderLayer
 from zoo.multitask.tasks import GENERATION, TaskSpec, validate_tasks
 from zoo.multitask.vocab import PAD_ID
 
-__all__ = ["SHARING", "MultitaskTransformer"]
+__all__ = ["PRESETS", "SHARING", "MultitaskTransformer", "preset_arguments"]
 
 SHARING = ("full", "partial", "adapters")
 POSITIONS = ("sinusoidal", "rotary")
+
+#: Named architectures: every ``MultitaskTransformer`` argument but the vocabulary size and the tasks.
+PRESETS: dict[str, dict[str, Any]] = {
+    # the constructor's defaults; the arithmetic configs add grouped-query attention (num_kv_heads: 2)
+    "multitask_small": {
+        "d_model": 128,
+        "num_heads": 4,
+        "num_kv_heads": None,
+        "ffn_dim": None,
+        "num_layers": 3,
+        "sharing": "partial",
+        "task_layers": None,
+        "adapter_dim": 32,
+        "positions": "rotary",
+        "decoder_layers": 2,
+        "dropout": 0.0,
+    },
+    # a few seconds of training on a CPU: tests and quick checks
+    "multitask_tiny": {
+        "d_model": 32,
+        "num_heads": 2,
+        "num_kv_heads": None,
+        "ffn_dim": None,
+        "num_layers": 1,
+        "sharing": "partial",
+        "task_layers": None,
+        "adapter_dim": 32,
+        "positions": "rotary",
+        "decoder_layers": 1,
+        "dropout": 0.0,
+    },
+}
+
+
+def preset_arguments(model_name: str, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The preset's arguments with ``model_kwargs`` overriding single entries; unknown names fail early."""
+    if model_name not in PRESETS:
+        raise ValueError(f"unknown model_name {model_name!r}; expected one of {', '.join(PRESETS)}")
+    arguments = dict(PRESETS[model_name])
+    unknown = sorted(set(model_kwargs or {}) - set(arguments))
+    if unknown:
+        raise ValueError(
+            f"model_kwargs {unknown} are not MultitaskTransformer arguments; "
+            f"expected some of {', '.join(arguments)}"
+        )
+    return {**arguments, **(model_kwargs or {})}
 
 
 class MultitaskTransformer(nn.Module):
@@ -111,6 +160,13 @@ class MultitaskTransformer(nn.Module):
             {name: build_head(spec, d_model, vocab_size, decoder_kwargs) for name, spec in self.tasks.items()}
         )
 
+    @classmethod
+    def from_preset(
+        cls, model_name: str, vocab_size: int, tasks: list[TaskSpec], **overrides: Any
+    ) -> MultitaskTransformer:
+        """The ``PRESETS[model_name]`` architecture (with ``overrides``) for these tasks and vocabulary."""
+        return cls(vocab_size, tasks, **preset_arguments(model_name, overrides))
+
     # ------------------------------------------------------------------ pieces
     def embed_tokens(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         x = self.embed(ids) * math.sqrt(self.d_model)
@@ -172,6 +228,3 @@ class MultitaskTransformer(nn.Module):
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; this model has {', '.join(self.tasks)}")
-
-    #: the repeated blocks FSDP shards as units
-    block_types = (EncoderLayer, DecoderLayer)

@@ -1,8 +1,9 @@
 """Task declarations: what a user writes in YAML to add a task without code.
 
 A task is a name, a type (one of ``TASK_TYPES``), its number of classes (or regression outputs)
-and a loss weight. Generation tasks decode into the shared vocabulary, so they declare no class
-count, only the longest target they may produce.
+and a loss weight; classification tasks may name their classes, which predictions then report.
+Generation tasks decode into the shared vocabulary, so they declare no class count, only the longest
+target they may produce.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class TaskSpec:
             regression (default 1); unused for generation (the shared vocabulary is the output).
         loss_weight: the static weight; adaptive weightings multiply their weights by it.
         max_target_length: longest generated sequence (tokens, end-of-sequence included).
+        label_names: the classes' names in id order (classification types), written in predictions
+            instead of class ids.
     """
 
     name: str
@@ -47,6 +50,7 @@ class TaskSpec:
     num_classes: int | None = None
     loss_weight: float = 1.0
     max_target_length: int = 32
+    label_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -69,6 +73,19 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: loss_weight must be >= 0, got {self.loss_weight}")
         if self.max_target_length < 1:
             raise ValueError(f"task {self.name!r}: max_target_length must be >= 1")
+        if self.label_names is not None:
+            self._check_label_names()
+
+    def _check_label_names(self) -> None:
+        if self.type not in (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION):
+            raise ValueError(f"task {self.name!r} ({self.type}): only classification tasks take label_names")
+        names = list(self.label_names)
+        if len(names) != self.num_classes or not all(isinstance(n, str) for n in names):
+            raise ValueError(
+                f"task {self.name!r}: label_names must be {self.num_classes} strings (num_classes), "
+                f"got {names!r}"
+            )
+        self.label_names = names
 
 
 def validate_tasks(tasks: list[TaskSpec] | tuple[TaskSpec, ...]) -> list[TaskSpec]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "SPECIAL_TOKENS", "UNK_ID", "Vocabulary"]
+__all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "SPECIAL_TOKENS", "TOKENIZERS", "UNK_ID", "Vocabulary"]
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -24,10 +24,11 @@ class Vocabulary:
             raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {', '.join(TOKENIZERS)}")
         self.tokenizer = tokenizer
         self.itos: list[str] = list(SPECIAL_TOKENS)
-        for token in tokens:
-            if token not in self.itos:
-                self.itos.append(token)
         self.stoi = {t: i for i, t in enumerate(self.itos)}
+        for token in tokens:
+            if token not in self.stoi:
+                self.stoi[token] = len(self.itos)
+                self.itos.append(token)
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], tokenizer: str = "char") -> Vocabulary:

@@ -17,9 +17,16 @@ history buffers are saved in checkpoints and a resumed run continues exactly):
 
 Adaptive weights multiply the declared ``loss_weight`` (a prior), so ``loss_weight: 0`` still
 switches a task off. ``weights()`` returns the effective coefficient of each task's loss.
+
+A weighting keeps each constructor argument as an attribute of the same name, so ``config()`` can
+say how to build it again (checkpoints record it; ``weighting_from_config`` reads it back).
 """
 
 from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +40,7 @@ __all__ = [
     "StaticWeighting",
     "TaskWeighting",
     "UncertaintyWeighting",
+    "weighting_from_config",
 ]
 
 
@@ -57,6 +65,15 @@ class TaskWeighting(nn.Module):
     @property
     def num_tasks(self) -> int:
         return len(self.names)
+
+    def config(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}``: how to build this weighting again (before ``bind``)."""
+        cls = type(self)
+        names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        return {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {name: getattr(self, name) for name in names},
+        }
 
     def coefficients(self) -> torch.Tensor:
         """Effective weight of each task's loss, in task order (no gradient)."""
@@ -242,3 +259,12 @@ class LossTrend(TaskWeighting):
             boosted = torch.where(stalled, self.current * self.boost, self.current)
             boosted = boosted * (self.num_tasks / boosted.sum())
             self.current.copy_(boosted.clamp(max=self.max_weight))
+
+
+def weighting_from_config(config: dict[str, Any]) -> TaskWeighting:
+    """The weighting ``TaskWeighting.config()`` describes (unbound)."""
+    module, _, name = config["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, TaskWeighting)):
+        raise ValueError(f"{config['class_path']!r} is not a TaskWeighting")
+    return cls(**config["init_args"])
