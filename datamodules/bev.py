@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from zoo.datamodules.bev_scenes import CAMERA_NAMES, CLASS_STYLE, make_scene, nuscenes_rig, render_frame
 from zoo.datamodules.splits import SplitDataModule
+from zoo.errors import MissingFileError, ZooError
 
 __all__ = [
     "BEVDetectionDataModule",
@@ -95,7 +96,7 @@ def _queue_indices(frame: int, queue_length: int) -> list[int]:
 def _check_range(point_cloud_range) -> tuple[float, ...]:
     values = tuple(float(v) for v in point_cloud_range)
     if len(values) != 6 or not all(values[i] < values[i + 3] for i in range(3)):
-        raise ValueError(
+        raise ZooError(
             f"point_cloud_range must be [x_min, y_min, z_min, x_max, y_max, z_max] with min < max, got {values}"
         )
     return values
@@ -132,14 +133,12 @@ class SyntheticSceneDataset(Dataset):
         noise: float = 0.02,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+            raise ZooError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         unknown = [c for c in class_names if c not in CLASS_STYLE]
         if unknown:
-            raise ValueError(
-                f"class_names {unknown} have no synthetic style; choose from {tuple(CLASS_STYLE)}"
-            )
+            raise ZooError(f"class_names {unknown} have no synthetic style; choose from {tuple(CLASS_STYLE)}")
         if queue_length < 1 or frames_per_scene < 1 or num_scenes < 1:
-            raise ValueError("queue_length, frames_per_scene and num_scenes must all be >= 1")
+            raise ZooError("queue_length, frames_per_scene and num_scenes must all be >= 1")
         self.split, self.seed = split, seed
         self.num_scenes, self.frames_per_scene, self.queue_length = num_scenes, frames_per_scene, queue_length
         self.class_names = tuple(class_names)
@@ -250,11 +249,11 @@ class NuScenesInfoDataset(Dataset):
     ) -> None:
         self.info_file, self.data_root, self.annotated = Path(info_file), Path(data_root), annotated
         if not self.info_file.is_file():
-            raise FileNotFoundError(f"info file {str(self.info_file)!r} does not exist")
+            raise MissingFileError(f"info file {str(self.info_file)!r} does not exist")
         try:
             infos = json.loads(self.info_file.read_text())["infos"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(
+            raise ZooError(
                 f"{self.info_file}: expected a JSON object with an 'infos' list ({error})"
             ) from error
         self.class_names, self.cameras = tuple(class_names), tuple(cameras)
@@ -273,33 +272,33 @@ class NuScenesInfoDataset(Dataset):
         )
         for key in required:
             if key not in info:
-                raise ValueError(f"{where} has no {key!r}")
+                raise ZooError(f"{where} has no {key!r}")
         for frame in ("lidar2ego", "ego2global"):
             fields = {f"{frame}_rotation": 4, f"{frame}_translation": 3}
             if not any(key in info for key in fields):
                 continue
             for key, size in fields.items():
                 if np.asarray(info.get(key, ())).shape != (size,):
-                    raise ValueError(f"{where}.{key} must have {size} values (a pose needs both fields)")
+                    raise ZooError(f"{where}.{key} must have {size} values (a pose needs both fields)")
         if len(info["can_bus"]) != 18:
-            raise ValueError(f"{where}.can_bus has {len(info['can_bus'])} values, expected 18")
+            raise ZooError(f"{where}.can_bus has {len(info['can_bus'])} values, expected 18")
         for cam in self.cameras:
             if cam not in info["cams"]:
-                raise ValueError(f"{where}.cams has no {cam!r} (cameras present: {sorted(info['cams'])})")
+                raise ZooError(f"{where}.cams has no {cam!r} (cameras present: {sorted(info['cams'])})")
             entry = info["cams"][cam]
             for key, shape in (("cam_intrinsic", (3, 3)), ("sensor2lidar_rotation", (3, 3))):
                 if np.asarray(entry[key]).shape != shape:
-                    raise ValueError(
+                    raise ZooError(
                         f"{where}.cams.{cam}.{key} has shape {np.asarray(entry[key]).shape}, expected {shape}"
                     )
             if np.asarray(entry["sensor2lidar_translation"]).shape != (3,):
-                raise ValueError(f"{where}.cams.{cam}.sensor2lidar_translation must have 3 values")
+                raise ZooError(f"{where}.cams.{cam}.sensor2lidar_translation must have 3 values")
             path = self.data_root / entry["data_path"]
             if not path.is_file():
-                raise FileNotFoundError(f"{where}.cams.{cam}: image {str(path)!r} is missing")
+                raise MissingFileError(f"{where}.cams.{cam}: image {str(path)!r} is missing")
         boxes = np.asarray(info.get("gt_boxes", []), dtype=np.float64).reshape(-1, 7)
         if len(info.get("gt_names", [])) != len(boxes):
-            raise ValueError(f"{where}: {len(boxes)} gt_boxes but {len(info.get('gt_names', []))} gt_names")
+            raise ZooError(f"{where}: {len(boxes)} gt_boxes but {len(info.get('gt_names', []))} gt_names")
         return info
 
     def __len__(self) -> int:
@@ -461,9 +460,9 @@ class BEVDetectionDataModule(SplitDataModule):
             _check_range(point_cloud_range or (-25.6, -25.6, -1.0, 25.6, 25.6, 4.0))
         )
         if len(img_size) != 2 or min(img_size) < 16:
-            raise ValueError(f"img_size must be (H, W) with both >= 16, got {img_size}")
+            raise ZooError(f"img_size must be (H, W) with both >= 16, got {img_size}")
         if predict_info is not None and data_root is None:
-            raise ValueError("predict_info is relative to data_root: give data_root too")
+            raise ZooError("predict_info is relative to data_root: give data_root too")
         self.img_size = tuple(int(v) for v in img_size)
 
     @property
@@ -513,7 +512,7 @@ class BEVDetectionDataModule(SplitDataModule):
             infos = {"train": hp.train_info, "val": hp.val_info, "test": hp.test_info or hp.val_info}
             missing = [k for k in ("train", "val") if infos[k] is None]
             if missing:
-                raise ValueError(
+                raise ZooError(
                     f"data_root is set, so {', '.join(f'{k}_info' for k in missing)} must be given too"
                 )
             sets = {split: self._info_set(path) for split, path in infos.items()}

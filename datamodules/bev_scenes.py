@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zoo.bev.metrics import ATTRIBUTE_NAMES
+from zoo.errors import ZooError
 
 __all__ = [
     "CAMERA_NAMES",
@@ -97,7 +98,7 @@ def nuscenes_rig(img_size: tuple[int, int] = (64, 112), cameras: tuple[str, ...]
     intrinsics, cam2ego = [], []
     for name in cameras:
         if name not in _NUSCENES_CAMERAS:
-            raise ValueError(f"unknown camera {name!r}; expected some of {CAMERA_NAMES}")
+            raise ZooError(f"unknown camera {name!r}; expected some of {CAMERA_NAMES}")
         (f, cx, cy), mount, yaw_deg = _NUSCENES_CAMERAS[name]
         intrinsics.append(np.array([[f * sx, 0, cx * sx], [0, f * sy, cy * sy], [0, 0, 1]]))
         yaw = math.radians(yaw_deg)

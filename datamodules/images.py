@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from zoo.datamodules.shapes import COLOURS, SHAPES, ShapesDataset
 from zoo.datamodules.splits import SplitDataModule
-from zoo.errors import MissingFileError
+from zoo.errors import MissingFileError, ZooError
 
 __all__ = ["ImageClassificationDataModule", "ImageFileDataset", "ImageFolderDataset", "predict_image_files"]
 
@@ -37,7 +37,7 @@ def _class_folders(root: Path) -> list[Path]:
         raise MissingFileError(f"image folder {str(root)!r} does not exist or is not a directory")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise ValueError(
+        raise ZooError(
             f"image folder {str(root)!r} has no class sub-folders (expected {root}/<class>/<image>)"
         )
     return folders
@@ -46,7 +46,7 @@ def _class_folders(root: Path) -> list[Path]:
 def _image_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(
+        raise ZooError(
             f"class folder {str(folder)!r} contains no images (looked for {sorted(IMAGE_SUFFIXES)})"
         )
     return files
@@ -59,7 +59,7 @@ def predict_image_files(path: str | Path) -> list[tuple[Path, str]]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"predict_path {str(path)!r} does not exist")
+        raise MissingFileError(f"predict_path {str(path)!r} does not exist")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         found = [(file, file.relative_to(path).as_posix()) for file in files]
@@ -68,7 +68,7 @@ def predict_image_files(path: str | Path) -> list[tuple[Path, str]]:
     else:
         found = _listed_images(path)
     if not found:
-        raise ValueError(f"predict_path {str(path)!r} holds no images (looked for {sorted(IMAGE_SUFFIXES)})")
+        raise ZooError(f"predict_path {str(path)!r} holds no images (looked for {sorted(IMAGE_SUFFIXES)})")
     return found
 
 
@@ -76,7 +76,7 @@ def _listed_images(list_file: Path) -> list[tuple[Path, str]]:
     try:
         lines = list_file.read_text().splitlines()
     except UnicodeDecodeError as error:
-        raise ValueError(
+        raise ZooError(
             f"predict_path {str(list_file)!r} is neither an image ({sorted(IMAGE_SUFFIXES)}) "
             "nor a text file listing image paths"
         ) from error
@@ -87,7 +87,7 @@ def _listed_images(list_file: Path) -> list[tuple[Path, str]]:
             continue
         file = list_file.parent / entry  # an absolute entry stays absolute
         if not file.is_file():
-            raise FileNotFoundError(f"{str(list_file)!r}, line {number}: image {entry!r} does not exist")
+            raise MissingFileError(f"{str(list_file)!r}, line {number}: image {entry!r} does not exist")
         found.append((file, entry))
     return found
 
@@ -103,7 +103,7 @@ def _verify_readable(path: Path) -> None:
         with Image.open(path) as image:
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"unreadable image {str(path)!r}: {error}") from error
+        raise ZooError(f"unreadable image {str(path)!r}: {error}") from error
 
 
 class ImageFolderDataset(Dataset):
@@ -117,9 +117,7 @@ class ImageFolderDataset(Dataset):
         folders = _class_folders(root)
         found = [f.name for f in folders]
         if class_names is not None and found != class_names:
-            raise ValueError(
-                f"classes in {str(root)!r} are {found}, but the training split has {class_names}"
-            )
+            raise ZooError(f"classes in {str(root)!r} are {found}, but the training split has {class_names}")
         self.class_names = found
         self.root = root
         self.samples = [
@@ -253,7 +251,7 @@ class ImageClassificationDataModule(SplitDataModule):
         self.class_names = self._discover_classes()
         if num_classes is not None and num_classes != len(self.class_names):
             source = str(self.data_dir) if self.data_dir else "the embedded shapes set"
-            raise ValueError(
+            raise ZooError(
                 f"num_classes={num_classes} disagrees with the data: {source} has "
                 f"{len(self.class_names)} classes ({', '.join(self.class_names)})"
             )
@@ -312,7 +310,7 @@ class ImageClassificationDataModule(SplitDataModule):
             names = self.train_set.class_names
             val_root = root / "val" if (root / "val").is_dir() else None
             if val_root is None:
-                raise FileNotFoundError(f"{str(root)!r} has a train/ folder but no val/ folder next to it")
+                raise MissingFileError(f"{str(root)!r} has a train/ folder but no val/ folder next to it")
             self.val_set = ImageFolderDataset(val_root, names, transform=eval_tf, verify=verify)
             test_root = root / "test"
             self.test_set = (
@@ -326,7 +324,7 @@ class ImageClassificationDataModule(SplitDataModule):
         order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(self.hparams.seed))
         n_val = max(1, round(len(order) * self.hparams.val_fraction))
         if n_val >= len(order):
-            raise ValueError(f"{str(root)!r} has {len(order)} images: too few to hold out a validation split")
+            raise ZooError(f"{str(root)!r} has {len(order)} images: too few to hold out a validation split")
         self.train_set = Subset(full_train, order[n_val:].tolist())
         self.val_set = Subset(full_eval, order[:n_val].tolist())
         self.test_set = self.val_set

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from zoo.base import IGNORE_INDEX
 from zoo.datamodules.epoch_plans import EpochPlanBatchSampler, one_process_sampler, padded_to_multiple
 from zoo.datamodules.splits import SplitDataModule
+from zoo.errors import MissingFileError, ZooError
 from zoo.multitask.arithmetic import (
     ALPHABET,
     ARITHMETIC_TASKS,
@@ -155,9 +156,7 @@ class TaskBatches(Dataset):
     def collate(self, items: list[tuple[str, int]]):
         task = items[0][0]
         if any(t != task for t, _ in items):
-            raise ValueError(
-                f"a batch mixes tasks {sorted({t for t, _ in items})}; each batch holds one task"
-            )
+            raise ZooError(f"a batch mixes tasks {sorted({t for t, _ in items})}; each batch holds one task")
         batch = self.datasets[task].collate([i for _, i in items])
         return {task: batch} if self.keyed else batch
 
@@ -215,13 +214,13 @@ class TaskBatchSampler(EpochPlanBatchSampler):
         seed: int = 0,
     ) -> None:
         if policy not in self.POLICIES:
-            raise ValueError(
+            raise ZooError(
                 f"unknown task sampling policy {policy!r}; expected one of {', '.join(self.POLICIES)}"
             )
         sizes = batch_size if isinstance(batch_size, dict) else dict.fromkeys(lengths, batch_size)
         for task in lengths:
             if sizes.get(task, 0) < 1:
-                raise ValueError(f"task {task!r}: batch size must be >= 1, got {sizes.get(task)}")
+                raise ZooError(f"task {task!r}: batch size must be >= 1, got {sizes.get(task)}")
         self.sampler = sampler
         self.lengths, self.batch_sizes, self.policy = lengths, sizes, policy
         self.shuffle, self.bucket_size, self.seed = shuffle, bucket_size, seed
@@ -277,12 +276,12 @@ def arithmetic_examples(
     """``count`` examples of one embedded task (texts in ``exclude`` are skipped) and their texts."""
     reference = ARITHMETIC_TASKS.get(spec.name)
     if reference is None:
-        raise ValueError(
+        raise ZooError(
             f"task {spec.name!r} is not an embedded arithmetic task ({', '.join(ARITHMETIC_TASKS)}); "
             "point data_dir at JSONL files for other tasks"
         )
     if (spec.type, spec.num_classes) != (reference.type, reference.num_classes):
-        raise ValueError(
+        raise ZooError(
             f"task {spec.name!r}: the embedded task is {reference.type} with num_classes={reference.num_classes}, "
             f"the YAML declares {spec.type} with num_classes={spec.num_classes}"
         )
@@ -292,7 +291,7 @@ def arithmetic_examples(
     while len(examples) < count:
         attempts += 1
         if attempts > 50 * count + 1000:
-            raise ValueError(
+            raise ZooError(
                 f"task {spec.name!r}: could not draw {count} distinct expressions with "
                 f"{min_operands}-{max_operands} operands (the space is too small); lower the set size"
             )
@@ -328,7 +327,7 @@ def with_embedded_label_names(spec: TaskSpec) -> TaskSpec:
 # ------------------------------------------------------------------------------------------ JSONL
 def _records(path: Path, spec: TaskSpec) -> list[tuple[int, dict]]:
     if not path.is_file():
-        raise FileNotFoundError(f"task {spec.name!r}: {path} does not exist")
+        raise MissingFileError(f"task {spec.name!r}: {path} does not exist")
     records = []
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -337,16 +336,16 @@ def _records(path: Path, spec: TaskSpec) -> list[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(
+                raise ZooError(
                     f"{path}:{line_no}: task {spec.name!r}: not valid JSON ({error.msg})"
                 ) from error
             if not isinstance(record, dict):
-                raise ValueError(
+                raise ZooError(
                     f"{path}:{line_no}: task {spec.name!r}: expected a JSON object, got {type(record).__name__}"
                 )
             records.append((line_no, record))
     if not records:
-        raise ValueError(f"{path}: task {spec.name!r}: the file is empty (expected one JSON object per line)")
+        raise ZooError(f"{path}: task {spec.name!r}: the file is empty (expected one JSON object per line)")
     return records
 
 
@@ -354,13 +353,13 @@ def _tokens(record: dict, where: str, tokenizer: str) -> list[str]:
     if "tokens" in record:
         tokens = record["tokens"]
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-            raise ValueError(f"{where}: 'tokens' must be a list of strings")
+            raise ZooError(f"{where}: 'tokens' must be a list of strings")
     elif isinstance(record.get("text"), str):
         tokens = Vocabulary([], tokenizer).split(record["text"])
     else:
-        raise ValueError(f"{where}: expected a 'text' string or a 'tokens' list")
+        raise ZooError(f"{where}: expected a 'text' string or a 'tokens' list")
     if not tokens:
-        raise ValueError(f"{where}: the input is empty")
+        raise ZooError(f"{where}: the input is empty")
     return tokens
 
 
@@ -374,19 +373,19 @@ def read_task_jsonl(path: str | Path, spec: TaskSpec, tokenizer: str = "char") -
         if spec.type == SEQUENCE_CLASSIFICATION:
             label = record.get("label")
             if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < spec.num_classes:
-                raise ValueError(
+                raise ZooError(
                     f"{where}: label {label!r} is outside the declared classes 0..{spec.num_classes - 1} "
                     f"(num_classes={spec.num_classes})"
                 )
         elif spec.type == TOKEN_CLASSIFICATION:
             label = record.get("tags")
             if not isinstance(label, list) or len(label) != len(tokens):
-                raise ValueError(
+                raise ZooError(
                     f"{where}: 'tags' must be a list with one class per token ({len(tokens)} tokens)"
                 )
             for position, tag in enumerate(label):
                 if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag < spec.num_classes:
-                    raise ValueError(
+                    raise ZooError(
                         f"{where}: tag {tag!r} at token {position} is outside the declared classes "
                         f"0..{spec.num_classes - 1} (num_classes={spec.num_classes})"
                     )
@@ -396,17 +395,17 @@ def read_task_jsonl(path: str | Path, spec: TaskSpec, tokenizer: str = "char") -
             if len(label) != spec.num_classes or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in label
             ):
-                raise ValueError(
+                raise ZooError(
                     f"{where}: 'target' must be {spec.num_classes} finite number(s), got {target!r}"
                 )
             label = [float(v) for v in label]
         else:
             label = record.get("target")
             if not isinstance(label, str) or not label:
-                raise ValueError(f"{where}: 'target' must be a non-empty string")
+                raise ZooError(f"{where}: 'target' must be a non-empty string")
             length = len(Vocabulary([], tokenizer).split(label)) + 1
             if length > spec.max_target_length:
-                raise ValueError(
+                raise ZooError(
                     f"{where}: target has {length} tokens with <eos>, above max_target_length={spec.max_target_length}"
                 )
         out.append((tokens, label))
@@ -439,13 +438,13 @@ def read_expressions(path: str | Path, vocab: Vocabulary) -> list[str]:
                 continue
             for position, token in enumerate(vocab.split(text)):
                 if token not in vocab.stoi or vocab.stoi[token] < len(SPECIAL_TOKENS):
-                    raise ValueError(
+                    raise ZooError(
                         f"{path}:{line_no}: {kind} {token!r} at position {position} "
                         f"is outside the vocabulary {known}"
                     )
             texts.append(text)
     if not texts:
-        raise ValueError(f"{path}: the file holds no expression (expected one a line)")
+        raise ZooError(f"{path}: the file holds no expression (expected one a line)")
     return texts
 
 
@@ -528,28 +527,28 @@ class MultitaskDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tasks"])
         if mode not in COMBINED_MODES + SAMPLER_MODES:
-            raise ValueError(
+            raise ZooError(
                 f"unknown mode {mode!r}; expected one of {', '.join(COMBINED_MODES + SAMPLER_MODES)}"
             )
         specs = validate_tasks(tasks) if tasks is not None else [ARITHMETIC_TASKS[n] for n in DEFAULT_TASKS]
         if data_dir is None:
             for spec in specs:  # fail at construction, not at setup
                 if spec.name not in ARITHMETIC_TASKS:
-                    raise ValueError(
+                    raise ZooError(
                         f"task {spec.name!r} is not an embedded arithmetic task ({', '.join(ARITHMETIC_TASKS)}); "
                         "set data_dir to a folder of JSONL files for other tasks"
                     )
             specs = [with_embedded_label_names(spec) for spec in specs]
         elif not Path(data_dir).is_dir():
-            raise FileNotFoundError(f"data_dir {data_dir!r} is not a directory")
+            raise MissingFileError(f"data_dir {data_dir!r} is not a directory")
         if predict_path is not None and not Path(predict_path).is_file():
-            raise FileNotFoundError(f"predict_path {predict_path!r} is not a file")
+            raise MissingFileError(f"predict_path {predict_path!r} is not a file")
         if not 1 <= min_operands <= max_operands:
-            raise ValueError(f"need 1 <= min_operands <= max_operands, got {min_operands}, {max_operands}")
+            raise ZooError(f"need 1 <= min_operands <= max_operands, got {min_operands}, {max_operands}")
         self.tasks = specs
         unknown = set(task_batch_sizes or {}) - {t.name for t in specs}
         if unknown:
-            raise ValueError(
+            raise ZooError(
                 f"task_batch_sizes names undeclared task(s) {sorted(unknown)}; the declared tasks are "
                 f"{', '.join(t.name for t in specs)} (override task_batch_sizes along with tasks)"
             )
@@ -654,7 +653,7 @@ class MultitaskDataModule(SplitDataModule):
         return splits
 
     def _reject_sequential(self) -> None:
-        raise ValueError(
+        raise ZooError(
             "mode='sequential' cannot be used to fit: CombinedLoader's sequential mode serves one task's "
             "loader after another with no batch holding several tasks, and Lightning's fit loop does not "
             "support it. Use max_size_cycle, min_size or max_size (a batch of every task per step) or "

@@ -35,6 +35,7 @@ from zoo.datamodules.proteins import (
     select_records,
     split_by_id,
 )
+from zoo.errors import MissingFileError, ZooError
 from zoo.protein.alphabet import Alphabet
 from zoo.protein.fasta import ALLOWED, FastaIndex, clean_sequence, id_hash, invalid_residue
 from zoo.protein.properties import gravy, is_membrane_protein, transmembrane_residues
@@ -52,10 +53,10 @@ DERIVED_CLASSES = {
 def _sequence(text: str, where: str) -> str:
     residues = clean_sequence(text.encode("utf-8", errors="replace"))
     if not residues:
-        raise ValueError(f"{where}: empty sequence")
+        raise ZooError(f"{where}: empty sequence")
     bad = invalid_residue(residues)
     if bad is not None:
-        raise ValueError(
+        raise ZooError(
             f"{where}: {chr(residues[bad])!r} at residue {bad + 1} is outside the ESM alphabet ({ALLOWED.decode()})"
         )
     return residues.decode("ascii")
@@ -71,13 +72,13 @@ def _read_table(
         columns = reader.fieldnames or []
         missing = [c for c in (sequence_column, label_column) if c not in columns]
         if missing:
-            raise ValueError(f"{path}:1: missing column(s) {missing}; the header has {columns}")
+            raise ZooError(f"{path}:1: missing column(s) {missing}; the header has {columns}")
         for row in reader:
             where = f"{path}:{reader.line_num}"
             record_id = row.get(id_column) or f"row{reader.line_num}"
             label = (row.get(label_column) or "").strip()
             if not label:
-                raise ValueError(f"{where}: empty {label_column!r}")
+                raise ZooError(f"{where}: empty {label_column!r}")
             rows.append((record_id, row.get(sequence_column) or "", label, where))
     return rows
 
@@ -90,7 +91,7 @@ def _read_fasta_labels(path: Path) -> list[tuple[str, str, str, str]]:
         where = f"{path}:{index.line_of(int(index.header_start[i]))}"
         fields = dict(f.split("=", 1) for f in index.header(i).split()[1:] if "=" in f)
         if "label" not in fields:
-            raise ValueError(f"{where}: header has no 'label=...' field")
+            raise ZooError(f"{where}: header has no 'label=...' field")
         rows.append((index.record_id(i), index.sequence(i), fields["label"], where))
     return rows
 
@@ -105,7 +106,7 @@ def read_labeled_proteins(
     """``(id, sequence, raw label, "file:line")`` rows of a CSV/TSV or FASTA-with-labels file, validated."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"labelled protein file {str(path)!r} does not exist")
+        raise MissingFileError(f"labelled protein file {str(path)!r} does not exist")
     if path.suffix.lower() in (".csv", ".tsv", ".tab"):
         raw = _read_table(path, sequence_column, label_column, id_column)
     else:
@@ -113,16 +114,16 @@ def read_labeled_proteins(
     rows, seen = [], {}
     for record_id, text, label, where in raw:
         if record_id in seen:
-            raise ValueError(f"{where}: duplicate id {record_id!r} (first at {seen[record_id]})")
+            raise ZooError(f"{where}: duplicate id {record_id!r} (first at {seen[record_id]})")
         seen[record_id] = where
         sequence = _sequence(text, where)
         if task == "residue-classification" and len(label) != len(sequence):
-            raise ValueError(
+            raise ZooError(
                 f"{where}: {len(label)} residue labels for {len(sequence)} residues in {record_id!r}"
             )
         rows.append((record_id, sequence, label, where))
     if not rows:
-        raise ValueError(f"{path}: no labelled proteins found")
+        raise ZooError(f"{path}: no labelled proteins found")
     return rows
 
 
@@ -229,11 +230,11 @@ class ProteinLabelDataModule(ProteinLoaders):
         super().__init__()
         self.save_hyperparameters()
         if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+            raise ZooError(f"task must be one of {TASKS}, got {task!r}")
         if max_tokens is not None and max_tokens < max_length + 2:
-            raise ValueError(f"max_tokens={max_tokens} must be >= max_length + 2 = {max_length + 2}")
+            raise ZooError(f"max_tokens={max_tokens} must be >= max_length + 2 = {max_length + 2}")
         if predict_path is not None and not Path(predict_path).is_file():
-            raise FileNotFoundError(f"FASTA file {predict_path!r} does not exist")
+            raise MissingFileError(f"FASTA file {predict_path!r} does not exist")
         self.task = task
         self.predict_set: ProteinDataset | None = None
         if file is None:
@@ -255,9 +256,7 @@ class ProteinLabelDataModule(ProteinLoaders):
                 try:
                     labels.append(float(label))
                 except ValueError:
-                    raise ValueError(
-                        f"{where}: label {label!r} is not a number (task is regression)"
-                    ) from None
+                    raise ZooError(f"{where}: label {label!r} is not a number (task is regression)") from None
             return [], labels
         per_residue = self.task == "residue-classification"
         if classes is None:
@@ -267,7 +266,7 @@ class ProteinLabelDataModule(ProteinLoaders):
         for _, _, label, where in rows:
             unknown = [c for c in (label if per_residue else [label]) if c not in lookup]
             if unknown:
-                raise ValueError(f"{where}: label {unknown[0]!r} is not one of the classes {classes}")
+                raise ZooError(f"{where}: label {unknown[0]!r} is not one of the classes {classes}")
             labels.append([lookup[c] for c in label] if per_residue else lookup[label])
         return list(classes), labels
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from zoo.datamodules.epoch_plans import EpochPlanBatchSampler
 from zoo.datamodules.splits import SplitDataModule
+from zoo.errors import MissingFileError, ZooError
 from zoo.protein.alphabet import Alphabet
 from zoo.protein.fasta import OK, PROBLEM_NAMES, FastaIndex
 
@@ -78,7 +79,7 @@ def split_by_id(
     n_val = max(1, round(n * val_fraction))
     n_test = round(n * test_fraction)
     if n_val + n_test >= n:
-        raise ValueError(f"{n} sequences are too few to hold out {n_val} + {n_test} for val/test")
+        raise ZooError(f"{n} sequences are too few to hold out {n_val} + {n_test} for val/test")
     key = _mix64(id_hash[candidates] ^ _mix64(np.asarray([seed], dtype=np.uint64))[0])
     ranked = candidates[np.argsort(key, kind="stable")]
     val, test, train = ranked[:n_val], ranked[n_val : n_val + n_test], ranked[n_val + n_test :]
@@ -99,11 +100,9 @@ class ContactMaps:
                 with np.load(self.path, allow_pickle=False) as archive:
                     self._ids = set(archive.files)
             except (OSError, ValueError) as error:
-                raise ValueError(f"{self.path}: not a readable .npz of contact maps ({error})") from error
+                raise ZooError(f"{self.path}: not a readable .npz of contact maps ({error})") from error
         else:
-            raise FileNotFoundError(
-                f"contact maps {str(self.path)!r} do not exist (.npz file or .npy folder)"
-            )
+            raise MissingFileError(f"contact maps {str(self.path)!r} do not exist (.npz file or .npy folder)")
         self._archive = None
 
     def __contains__(self, record_id: str) -> bool:
@@ -123,7 +122,7 @@ class ContactMaps:
                 self._archive = np.load(self.path, allow_pickle=False)
             array = self._archive[record_id]
         if array.shape != (length, length):
-            raise ValueError(
+            raise ZooError(
                 f"{self.path}: contact map of {record_id!r} has shape {array.shape}, "
                 f"expected ({length}, {length}) for its {length} residues"
             )
@@ -214,7 +213,7 @@ class TokenBudgetBatchSampler(EpochPlanBatchSampler):
         self.sampler = sampler
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if max_tokens < int(self.lengths.max(initial=0)):
-            raise ValueError(
+            raise ZooError(
                 f"max_tokens={max_tokens} is smaller than the longest sequence "
                 f"({int(self.lengths.max())} tokens): raise max_tokens or lower max_length"
             )
@@ -282,7 +281,7 @@ def select_records(
             first = index.problems(limit=1)[0]
             more = int(bad.sum()) - 1
             hint = f" ({more} more bad records; on_invalid='skip' leaves them out)" if more else ""
-            raise ValueError(first.message + hint)
+            raise ZooError(first.message + hint)
         for code, count in zip(*np.unique(index.status[bad], return_counts=True)):
             skipped[PROBLEM_NAMES[int(code)]] = int(count)
     unknown = ~bad & (index.unknown > max_unknown_fraction * index.length)
@@ -302,7 +301,7 @@ def open_usable(
         counts = ", ".join(f"{n} {why}" for why, n in skipped.items())
         rank_zero_info(f"{path}: left out {sum(skipped.values())} records ({counts})")
     if len(usable) == 0:
-        raise ValueError(f"{path}: no usable records left")
+        raise ZooError(f"{path}: no usable records left")
     return index, usable, skipped
 
 
@@ -347,19 +346,19 @@ class ProteinDataModule(ProteinLoaders):
         super().__init__()
         self.save_hyperparameters()
         if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+            raise ZooError(f"max_length must be >= 1, got {max_length}")
         if max_tokens is not None and max_tokens < max_length + 2:
-            raise ValueError(f"max_tokens={max_tokens} must be >= max_length + 2 = {max_length + 2}")
+            raise ZooError(f"max_tokens={max_tokens} must be >= max_length + 2 = {max_length + 2}")
         if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError(f"bad split fractions: val={val_fraction}, test={test_fraction}")
+            raise ZooError(f"bad split fractions: val={val_fraction}, test={test_fraction}")
         if on_invalid not in ("error", "skip"):
-            raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+            raise ZooError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
         if fasta is not None and not Path(fasta).is_file():
-            raise FileNotFoundError(f"FASTA file {fasta!r} does not exist")
+            raise MissingFileError(f"FASTA file {fasta!r} does not exist")
         if predict_path is not None and not Path(predict_path).is_file():
-            raise FileNotFoundError(f"FASTA file {predict_path!r} does not exist")
+            raise MissingFileError(f"FASTA file {predict_path!r} does not exist")
         if contacts is not None and not Path(contacts).exists():
-            raise FileNotFoundError(f"contact maps {contacts!r} do not exist")
+            raise MissingFileError(f"contact maps {contacts!r} do not exist")
         self.alphabet = Alphabet()
         self.collate = ProteinCollate(self.alphabet)
         self.index: FastaIndex | None = None

@@ -20,6 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from zoo.errors import ZooError
+
 __all__ = ["COLOURS", "SHAPES", "SPLITS", "ShapesDataset", "render_shapes"]
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -49,7 +51,7 @@ def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
         pts = [(-w, -radius), (w, -radius), (w, -w), (radius, -w), (radius, w), (w, w),
                (w, radius), (-w, radius), (-w, w), (-radius, w), (-radius, -w), (-w, -w)]  # fmt: skip
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        raise ZooError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     cos, sin = math.cos(angle), math.sin(angle)
     return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in pts]
 
@@ -126,12 +128,12 @@ class ShapesDataset(Dataset):
         transform=None,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+            raise ZooError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if size < 1:
-            raise ValueError(f"a shapes split needs at least one image, got size={size}")
+            raise ZooError(f"a shapes split needs at least one image, got size={size}")
         unknown = [c for c in colours if c not in COLOURS]
         if unknown:
-            raise ValueError(f"unknown colours {unknown}; expected names from {tuple(COLOURS)}")
+            raise ZooError(f"unknown colours {unknown}; expected names from {tuple(COLOURS)}")
         self.shapes, self.colours = tuple(shapes), tuple(colours)
         self.class_names = [f"{c} {s}" for s in self.shapes for c in self.colours]
         self.transform = transform

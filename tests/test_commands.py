@@ -51,8 +51,48 @@ def test_a_fit_by_model_name_from_another_folder_is_quiet(tmp_path):
     assert not noise, "\n".join(noise)
 
 
-def test_a_bad_input_is_one_paragraph_and_exit_status_2(tmp_path):
-    missing = tmp_path / "no-such-folder"
-    result = zoo("fit", "--config", "deit_tiny", f"--data.init_args.data_dir={missing}", cwd=tmp_path)
-    assert result.returncode == 2
-    assert str(missing) in result.stderr and "Traceback" not in result.stderr
+def _bad_fasta(folder):
+    path = folder / "bad.fasta"
+    path.write_text(">ok\nMKTAYIAK\n>broken\nMKT@@YIAK\n")
+    return ["--config", "esm2_t6_8M", f"--data.init_args.fasta={path}"], "bad.fasta"
+
+
+def _bad_info_file(folder):
+    path = folder / "infos.json"
+    path.write_text('{"infos": [{"token": "a"}]}')
+    options = [f"--data.init_args.data_root={folder}", "--data.init_args.train_info=infos.json"]
+    return ["--config", "bevformer_cpu", *options, "--data.init_args.val_info=infos.json"], "infos.json"
+
+
+def _missing_task_folder(folder):
+    return ["--config", "multitask_arithmetic", f"--data.init_args.data_dir={folder / 'tasks'}"], "tasks"
+
+
+def _missing_image_folder(folder):
+    return ["--config", "deit_tiny", f"--data.init_args.data_dir={folder / 'images'}"], "images"
+
+
+def _corrupt_checkpoint(folder):
+    path = folder / "model.ckpt"
+    path.write_bytes(b"PK\x03\x04 not really a zip archive")
+    return ["--config", "deit_tiny", f"--ckpt_path={path}"], "model.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("command", "make_input"),
+    [
+        ("fit", _missing_image_folder),
+        ("fit", _bad_fasta),
+        ("fit", _bad_info_file),
+        ("fit", _missing_task_folder),
+        ("validate", _corrupt_checkpoint),
+    ],
+    ids=["image-folder", "fasta-record", "info-file", "task-folder", "checkpoint"],
+)
+def test_a_bad_input_is_one_paragraph_and_exit_status_2(command, make_input, tmp_path):
+    args, named = make_input(tmp_path)
+    result = zoo(command, *args, "--trainer.fast_dev_run=true", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (message,) = [line for line in result.stderr.splitlines() if line.startswith("zoo: error:")]
+    assert named in message

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo.errors import MissingFileError, ZooError
 from zoo.protein.alphabet import Alphabet
 
 __all__ = ["FastaIndex", "FastaProblem", "ProteinRecord", "clean_sequence", "id_hash", "read_fasta"]
@@ -130,14 +131,14 @@ class FastaIndex:
         """The index of ``path``: loaded from its cache when still valid, else built and saved."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"FASTA file {str(path)!r} does not exist")
+            raise MissingFileError(f"FASTA file {str(path)!r} does not exist")
         with path.open("rb") as handle:
             compressed = handle.read(2) == _GZIP_MAGIC
         if compressed:
             try:
                 data = gzip.decompress(path.read_bytes())
             except (OSError, EOFError) as error:
-                raise ValueError(f"{path}: not a readable gzip file ({error})") from error
+                raise ZooError(f"{path}: not a readable gzip file ({error})") from error
             stream = io.BytesIO(data)
             return cls(path, data, cls._scan(stream.read, lambda a, b: data[a:b], path))
         key = cls._validity_key(path)
@@ -146,7 +147,7 @@ class FastaIndex:
             if arrays is not None:
                 return cls(path, None, arrays)
         if path.stat().st_size == 0:
-            raise ValueError(f"{path}: empty file, not FASTA (expected '>id' header lines)")
+            raise ZooError(f"{path}: empty file, not FASTA (expected '>id' header lines)")
         with path.open("rb") as stream, path.open("rb") as lookup:
 
             def read_at(start: int, end: int) -> bytes:
@@ -172,10 +173,10 @@ class FastaIndex:
             buffer = read(cls._BLOCK)
         first = re.search(rb"\S", buffer)
         if first is None:
-            raise ValueError(f"{path}: no FASTA records found (expected '>id' header lines)")
+            raise ZooError(f"{path}: no FASTA records found (expected '>id' header lines)")
         if buffer[first.start() : first.start() + 1] != b">":
             line = skipped_lines + buffer[: first.start()].count(b"\n") + 1
-            raise ValueError(f"{path}:{line}: not a FASTA file (expected a '>' header line first)")
+            raise ZooError(f"{path}:{line}: not a FASTA file (expected a '>' header line first)")
         buffer, base = buffer[first.start() :], base + first.start()
         eof = False
         while True:
@@ -405,5 +406,5 @@ def read_fasta(path: str | Path, index_dir: str | Path | None = None) -> list[Pr
     index = FastaIndex.open(path, index_dir)
     problems = index.problems(limit=1)
     if problems:
-        raise ValueError(problems[0].message)
+        raise ZooError(problems[0].message)
     return [index.record(i) for i in range(len(index))]
