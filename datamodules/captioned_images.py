@@ -11,8 +11,11 @@ line) are reported with the file and line when the data module is set up.
 
 Batches are ``{"image": (B, 3, H, W) in [-1, 1], "label": (B,), "caption": list[str], "index": (B,)}``;
 ``label`` is -1 where the data has none; ``index`` identifies the image within its dataset (what a
-latent cache is keyed by). Only ``random_flip`` changes an image between epochs. ``predict_dataloader`` serves the prompts of ``predict_file`` (one per line:
-a class name, a class index, or a free caption) for ``zoo predict``.
+latent cache is keyed by). Only ``random_flip`` changes an image between epochs.
+
+``predict_dataloader`` serves prompts for ``zoo predict``: those of the text file ``predict_path`` (one per
+line: a class name, a class index, or a free caption; ``#`` comments and blank lines skipped), or one per
+class. Prompt batches are ``{"caption", "label" (-1 for a free caption), "index", "name" (the line)}``.
 """
 
 from __future__ import annotations
@@ -50,13 +53,13 @@ def shapes_caption_vocabulary() -> list[str]:
 class CaptionedShapesDataset(Dataset):
     """A split of the shapes as ``{"image" in [-1, 1], "label", "caption"}``, rendered on first access."""
 
-    def __init__(self, size: int, *, split: str, seed: int, image_size: int, noise: float = 0.0) -> None:
+    def __init__(self, size: int, *, split: str, seed: int, img_size: int, noise: float = 0.0) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if size < 1:
             raise ValueError(f"a shapes split needs at least one image, got size={size}")
         self.class_names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
-        self._args = {"seed": seed, "split": split, "image_size": image_size, "noise": noise}
+        self._args = {"seed": seed, "split": split, "image_size": img_size, "noise": noise}
         self._cache: list[dict | None] = [None] * size
 
     def __len__(self) -> int:
@@ -127,7 +130,7 @@ def _cover_and_crop(image, height: int, width: int):
 class CaptionedFolderDataset(Dataset):
     """Images with captions from a folder (``.txt`` per image) or a JSONL file, resized and centre-cropped.
 
-    Every image becomes ``image_size x image_size``, or, given ``buckets`` (``(height, width)`` pairs from
+    Every image becomes ``img_size x img_size``, or, given ``buckets`` (``(height, width)`` pairs from
     ``zoo.datamodules.buckets.resolution_buckets``), the bucket closest to its own aspect ratio
     (``bucket_of[i]``), so that wide and tall pictures keep their framing.
     """
@@ -136,7 +139,7 @@ class CaptionedFolderDataset(Dataset):
         self,
         root: str | Path,
         captions_file: str | Path | None,
-        image_size: int,
+        img_size: int,
         verify: bool = True,
         buckets: list[tuple[int, int]] | None = None,
     ):
@@ -149,7 +152,7 @@ class CaptionedFolderDataset(Dataset):
         if verify:
             for path, _, _ in self.records:
                 _verify_readable(path)
-        self.buckets = buckets or [(image_size, image_size)]
+        self.buckets = buckets or [(img_size, img_size)]
         self.bucket_of = [0] * len(self.records)
         if buckets:
             from PIL import Image
@@ -192,12 +195,12 @@ class CaptionedImageDataModule(SplitDataModule):
         data_dir: a folder of images with captions; ``None`` uses the embedded shapes.
         captions_file: a JSONL file of ``{"file", "caption", "label"?}`` records (paths relative to
             ``data_dir``); without it each image needs a ``.txt`` caption beside it.
-        image_size: side of the square images.
+        img_size: side of the square images (linked into the model's ``img_size``).
         noise: pixel-noise std (fraction of 255) of the embedded shapes; 0 draws them clean.
         random_flip: horizontal flips. Off by default: the shapes captions name left and right.
-        predict_file: prompts for ``zoo predict``, one per line; default: one per class.
+        predict_path: a text file of prompts for ``zoo predict``, one per line; default: one per class.
         resolution_buckets: folder data only: serve each image at the aspect-ratio bucket closest to its own
-            (about ``image_size**2`` pixels, sides multiples of ``bucket_step``, at most ``max_aspect_ratio``),
+            (about ``img_size**2`` pixels, sides multiples of ``bucket_step``, at most ``max_aspect_ratio``),
             every batch from one bucket, instead of a centre crop to a square.
         bucket_step: side granularity of the buckets; a multiple of the model's total downsampling
             (autoencoder factor x denoiser's) so each latent divides evenly.
@@ -207,7 +210,7 @@ class CaptionedImageDataModule(SplitDataModule):
     #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
     model_links: ClassVar[dict[str, str]] = {
         "num_classes": "num_classes",
-        "image_size": "img_size",
+        "img_size": "img_size",
         "caption_vocabulary": "caption_vocabulary",
     }
 
@@ -215,7 +218,7 @@ class CaptionedImageDataModule(SplitDataModule):
         self,
         data_dir: str | None = None,
         captions_file: str | None = None,
-        image_size: int = 32,
+        img_size: int = 32,
         batch_size: int = 64,
         num_workers: int = 0,
         train_size: int = 8000,
@@ -225,7 +228,7 @@ class CaptionedImageDataModule(SplitDataModule):
         noise: float = 0.0,
         random_flip: bool = False,
         seed: int = 0,
-        predict_file: str | None = None,
+        predict_path: str | None = None,
         verify_images: bool = True,
         resolution_buckets: bool = False,
         bucket_step: int = 8,
@@ -236,18 +239,18 @@ class CaptionedImageDataModule(SplitDataModule):
         if resolution_buckets and data_dir is None:
             raise ValueError("resolution_buckets needs data_dir: the embedded shapes are all square")
         self.data_dir = Path(data_dir) if data_dir else None
-        self.image_size = image_size
+        self.img_size = img_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self._folder: CaptionedFolderDataset | None = None
         if self.data_dir is not None:
             buckets = (
-                bucketing.resolution_buckets(image_size, bucket_step, max_aspect_ratio)
+                bucketing.resolution_buckets(img_size, bucket_step, max_aspect_ratio)
                 if resolution_buckets
                 else None
             )
             self._folder = CaptionedFolderDataset(
-                self.data_dir, captions_file, image_size, verify=verify_images, buckets=buckets
+                self.data_dir, captions_file, img_size, verify=verify_images, buckets=buckets
             )
             self.class_names = self._folder.class_names
         else:
@@ -270,7 +273,7 @@ class CaptionedImageDataModule(SplitDataModule):
             return
         hp = self.hparams
         if self._folder is None:
-            common = {"seed": hp.seed, "image_size": self.image_size, "noise": hp.noise}
+            common = {"seed": hp.seed, "img_size": self.img_size, "noise": hp.noise}
             self.train_set = CaptionedShapesDataset(hp.train_size, split="train", **common)
             self.val_set = CaptionedShapesDataset(hp.val_size, split="val", **common)
             self.test_set = CaptionedShapesDataset(hp.test_size, split="test", **common)
@@ -321,13 +324,13 @@ class CaptionedImageDataModule(SplitDataModule):
     def prompts(self) -> list[dict]:
         """``{"caption", "label", "index"}`` per prompt line (class name, class index or caption)."""
         lookup = {name.lower(): i for i, name in enumerate(self.class_names)}
-        if self.hparams.predict_file is None:
+        if self.hparams.predict_path is None:
             lines = list(self.class_names)
             source = None
         else:
-            source = Path(self.hparams.predict_file)
+            source = Path(self.hparams.predict_path)
             if not source.is_file():
-                raise FileNotFoundError(f"predict_file {str(source)!r} does not exist")
+                raise FileNotFoundError(f"predict_path {str(source)!r} is not a file of prompts")
             lines = [line.strip() for line in source.read_text().splitlines()]
         items = []
         for number, line in enumerate(lines, start=1):
@@ -347,7 +350,7 @@ class CaptionedImageDataModule(SplitDataModule):
                 caption = f"a medium {colour} {shape} in the centre"
             items.append({"caption": caption, "label": label, "index": len(items), "name": line})
         if not items:
-            raise ValueError(f"predict_file {str(source)!r} holds no prompts")
+            raise ValueError(f"predict_path {str(source)!r} holds no prompts")
         return items
 
     def predict_dataloader(self) -> DataLoader:

@@ -6,11 +6,8 @@ import pytest
 import torch
 
 TINY_AE = {
-    "kind": "kl",
-    "downsample_factor": 4,
-    "latent_channels": 4,
-    "base_channels": 8,
-    "norm_num_groups": 8,
+    "model_name": "kl",
+    "model_kwargs": {"downsample_factor": 4, "latent_channels": 4, "base_channels": 8, "norm_num_groups": 8},
 }
 TINY_UNET = {
     "block_out_channels": [16, 32],
@@ -26,26 +23,32 @@ TINY_DIT = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
 def batch() -> dict:
     from zoo.datamodules.captioned_images import CaptionedImageDataModule
 
-    data = CaptionedImageDataModule(train_size=8, val_size=8, test_size=8, batch_size=8, image_size=16)
+    data = CaptionedImageDataModule(train_size=8, val_size=8, test_size=8, batch_size=8, img_size=16)
     data.setup()
     return data._collate([data.train_set[i] for i in range(8)])
+
+
+def tiny_captions():
+    """Caption conditioning of the tiny models: a one-layer text transformer of width 16."""
+    from zoo.diffusion import CaptionConditioning
+
+    return CaptionConditioning(dim=16, layers=1, heads=2)
 
 
 @pytest.fixture
 def tiny_ldm_kwargs() -> dict:
     from zoo.datamodules.captioned_images import shapes_caption_vocabulary
+    from zoo.diffusion import ClassConditioning, SamplingConfig
 
     return {
         "autoencoder": dict(TINY_AE),
         "scale_factor": 1.0,
         "img_size": 16,
-        "denoiser_config": dict(TINY_UNET),
+        "model_kwargs": dict(TINY_UNET),
+        "conditioning": ClassConditioning(dim=16),
         "num_classes": 12,
         "caption_vocabulary": shapes_caption_vocabulary(),
-        "context_dim": 16,
-        "text_layers": 1,
-        "text_heads": 2,
-        "sampling_steps": 3,
+        "sampling": SamplingConfig(steps=3),
     }
 
 

@@ -8,14 +8,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from zoo.diffusion.autoencoder import Autoencoder
-from zoo.diffusion.first_stage import FirstStage, build_autoencoder, load_first_stage
 from zoo.diffusion.losses import (
+    AutoencoderLoss,
+    DiscriminatorConfig,
     PatchDiscriminator,
     adaptive_generator_weight,
     gradient_penalty,
     hinge_discriminator_loss,
     hinge_generator_loss,
 )
+from zoo.diffusion.model import FirstStage, build_autoencoder, load_first_stage
 from zoo.diffusion.perceptual import PerceptualLoss
 
 
@@ -23,7 +25,16 @@ def _loader(batch: dict) -> DataLoader:
     return DataLoader([batch], batch_size=None)
 
 
-TINY = {"base_channels": 8, "norm_num_groups": 8, "disc_channels": 8, "disc_layers": 2, "img_size": 16}
+TINY_ARCHITECTURE = {"base_channels": 8, "norm_num_groups": 8}
+
+
+def _tiny(model_name: str = "kl", latent_channels: int = 4, **discriminator) -> Autoencoder:
+    return Autoencoder(
+        model_name=model_name,
+        model_kwargs={**TINY_ARCHITECTURE, "latent_channels": latent_channels},
+        img_size=16,
+        discriminator=DiscriminatorConfig(channels=8, layers=2, **discriminator),
+    )
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
@@ -40,12 +51,14 @@ def test_downsampling_factor_and_latent_channels(kind, factor):
 def test_bad_architecture_is_named():
     with pytest.raises(ValueError, match="power of two"):
         build_autoencoder("kl", 6)
-    with pytest.raises(ValueError, match="kind must be"):
+    with pytest.raises(ValueError, match="model_name must be one of"):
         build_autoencoder("vae")
+    with pytest.raises(ValueError, match="model_name must be one of"):
+        Autoencoder(model_name="vae")
     with pytest.raises(ValueError, match="channel_multipliers needs"):
         build_autoencoder("kl", 4, channel_multipliers=[1, 2])
-    with pytest.raises(ValueError, match="disc_regularizer"):
-        Autoencoder(disc_regularizer="wgan", **TINY)
+    with pytest.raises(ValueError, match="regularizer must be one of"):
+        _tiny(regularizer="wgan")
 
 
 def test_losses_match_their_definitions():
@@ -72,7 +85,7 @@ def test_patch_discriminator_spectral_norm_replaces_batchnorm():
 
 def test_perceptual_loss_needs_a_local_weights_file(tmp_path):
     with pytest.raises(ValueError, match="perceptual_weights_path"):
-        Autoencoder(perceptual_weight=1.0, **TINY)
+        Autoencoder(model_kwargs=TINY_ARCHITECTURE, loss=AutoencoderLoss(perceptual_weight=1.0))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         PerceptualLoss(tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_bytes(b"")
@@ -95,9 +108,9 @@ def test_perceptual_loss_from_a_weights_file(tmp_path):
 
 @pytest.mark.parametrize("kind,regularizer", [("kl", "gradient_penalty"), ("vq", "spectral_norm")])
 def test_two_optimizers_with_a_delayed_discriminator(batch, kind, regularizer):
-    model = Autoencoder(kind=kind, disc_start=1, disc_regularizer=regularizer, **TINY)
+    model = _tiny(kind, start=1, regularizer=regularizer)
     model.configure_optimizers = lambda: [  # plain Adam, as the configs use
-        torch.optim.Adam([*model.first_stage.parameters(), model.logvar], 1e-3),
+        torch.optim.Adam([*model.model.parameters(), model.logvar], 1e-3),
         torch.optim.Adam(model.discriminator.parameters(), 1e-3),
     ]
     disc_before = [p.detach().clone() for p in model.discriminator.parameters()]
@@ -119,18 +132,38 @@ def test_two_optimizers_with_a_delayed_discriminator(batch, kind, regularizer):
 
 
 def test_validation_logs_psnr_ssim_and_latent_statistics(batch):
-    model = Autoencoder(**TINY)
+    model = _tiny()
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.validate(model, _loader(batch), verbose=False)[0]
     for key in ("val/psnr", "val/ssim", "val/latent_mean", "val/latent_std", "val/rec_loss"):
         assert key in metrics
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    model.eval()
+    with torch.no_grad():
+        recon = model(batch["image"])
+    expected = peak_signal_noise_ratio(
+        (recon / 2 + 0.5).clamp(0, 1), batch["image"] / 2 + 0.5, data_range=1.0
+    )
+    assert abs(metrics["val/psnr"] - expected.item()) < 1e-4
+
+
+def test_reconstructions_as_example_inputs_and_predict_records(batch):
+    model = _tiny().eval()
+    (images,) = model.example_inputs(3)
+    assert model(images).shape == images.shape == (3, 3, 16, 16)
+    records = model.predict_step({"image": batch["image"][:2], "id": ["a.png", "b.png"]}, 0)
+    assert [r["id"] for r in records] == ["a.png", "b.png"]
+    assert records[0]["reconstruction"].size == (16, 16)
+    with pytest.raises(ValueError, match="reconstructs images"):
+        model.predict_step({"caption": ["a red circle"]}, 0)
 
 
 def test_stage_one_checkpoint_and_diffusers_dir_load_as_frozen_first_stage(tmp_path, batch):
-    model = Autoencoder(kind="kl", latent_channels=3, **TINY).eval()
+    model = _tiny("kl", latent_channels=3).eval()
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)  # fmt: skip
-    model.configure_optimizers = lambda: [torch.optim.Adam(model.first_stage.parameters(), 1e-3),
+    model.configure_optimizers = lambda: [torch.optim.Adam(model.model.parameters(), 1e-3),
                                           torch.optim.Adam(model.discriminator.parameters(), 1e-3)]  # fmt: skip
     trainer.fit(model, _loader(batch))
     trainer.save_checkpoint(tmp_path / "ae.ckpt")
@@ -138,7 +171,7 @@ def test_stage_one_checkpoint_and_diffusers_dir_load_as_frozen_first_stage(tmp_p
     expected = model(batch["image"])
     for source in (tmp_path / "ae.ckpt", tmp_path / "diffusers"):
         if source.name == "diffusers":
-            model.first_stage.autoencoder.save_pretrained(source)
+            model.model.autoencoder.save_pretrained(source)
         stage = load_first_stage(str(source))
         assert not any(p.requires_grad for p in stage.parameters()) and not stage.training
         assert torch.allclose(stage.decode(stage.encode(batch["image"])), expected, atol=1e-5)

@@ -12,6 +12,8 @@ from zoo.datamodules.buckets import BucketBatchSampler, nearest_bucket, resoluti
 from zoo.datamodules.captioned_images import CaptionedImageDataModule
 from zoo.diffusion import LatentDiffusion
 
+from .conftest import TINY_DIT, tiny_captions
+
 
 def test_buckets_keep_the_area_and_the_step():
     buckets = resolution_buckets(64, 16, max_aspect_ratio=2.0)
@@ -44,7 +46,7 @@ def mixed_folder(tmp_path):
 
 def _bucketed(folder, **kwargs) -> CaptionedImageDataModule:
     data = CaptionedImageDataModule(
-        data_dir=str(folder), image_size=32, bucket_step=8, resolution_buckets=True, batch_size=2, **kwargs
+        data_dir=str(folder), img_size=32, bucket_step=8, resolution_buckets=True, batch_size=2, **kwargs
     )
     data.setup()
     return data
@@ -91,7 +93,7 @@ def test_distributed_ranks_split_the_batches_and_epochs_reshuffle():
 
 def test_latent_diffusion_trains_on_bucketed_batches(mixed_folder, tiny_ldm_kwargs):
     data = _bucketed(mixed_folder, val_fraction=0.2)
-    model = LatentDiffusion(**{**tiny_ldm_kwargs, "img_size": 32, "conditioning": "caption"})
+    model = LatentDiffusion(**{**tiny_ldm_kwargs, "img_size": 32, "conditioning": tiny_captions()})
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=4,
@@ -110,11 +112,9 @@ def test_latent_diffusion_trains_on_bucketed_batches(mixed_folder, tiny_ldm_kwar
 
 
 def test_dit_refuses_bucketed_data_with_the_reason(mixed_folder, tiny_ldm_kwargs):
-    from tests.diffusion.conftest import TINY_DIT
-
     data = _bucketed(mixed_folder, val_fraction=0.2)
-    kwargs = {**tiny_ldm_kwargs, "img_size": 32, "num_classes": 1, "denoiser": "dit"}
-    model = LatentDiffusion(**{**kwargs, "denoiser_config": dict(TINY_DIT)})
+    kwargs = {**tiny_ldm_kwargs, "img_size": 32, "num_classes": 1, "model_name": "dit"}
+    model = LatentDiffusion(**{**kwargs, "model_kwargs": dict(TINY_DIT)})
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match="cannot unpatchify"):
         trainer.fit(model, data)

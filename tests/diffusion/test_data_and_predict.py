@@ -1,4 +1,4 @@
-"""Captioned image data (embedded shapes, folders, JSONL) and `zoo predict` writing PNG grids."""
+"""Captioned image data (embedded shapes, folders, JSONL) and `zoo predict` writing one record per prompt."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from PIL import Image
 
 from zoo.cli import ZooCLI
 from zoo.datamodules.captioned_images import CaptionedImageDataModule, tokenize_words
+from zoo.diffusion import LatentDiffusion, SamplingConfig
+from zoo.diffusion.images import make_grid, to_pil, to_unit_range
 
 from ..conftest import CONFIGS
+from .conftest import tiny_captions
 
 
 def test_shapes_batches_are_captioned_in_minus_one_to_one_and_the_vocabulary_covers_them():
@@ -38,7 +41,7 @@ def test_folder_with_txt_captions(tmp_path):
     _images(tmp_path)
     for i in range(4):
         (tmp_path / f"img{i}.txt").write_text(f"A blue picture number {i}\n")
-    data = CaptionedImageDataModule(data_dir=str(tmp_path), image_size=16, val_fraction=0.25, batch_size=2)
+    data = CaptionedImageDataModule(data_dir=str(tmp_path), img_size=16, val_fraction=0.25, batch_size=2)
     data.setup()
     batch = next(iter(data.train_dataloader()))
     assert batch["image"].shape == (2, 3, 16, 16) and batch["label"].tolist() == [-1, -1]
@@ -68,31 +71,54 @@ def test_jsonl_captions_with_labels_and_errors_naming_the_line(tmp_path):
         CaptionedImageDataModule(data_dir=str(tmp_path), captions_file=str(tmp_path / "bad.jsonl"))
 
 
-def test_predict_file_lines_are_class_names_indices_or_captions(tmp_path):
+def test_predict_path_lines_are_class_names_indices_or_captions(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle\n# a comment\n\n5\na large blue cross in the centre\n")
-    items = CaptionedImageDataModule(predict_file=str(prompts)).prompts()
+    items = CaptionedImageDataModule(predict_path=str(prompts)).prompts()
     assert [i["label"] for i in items] == [0, 5, -1]
     assert items[1]["name"] == "blue square" and items[2]["caption"] == "a large blue cross in the centre"
     prompts.write_text("99\n")
     with pytest.raises(ValueError, match=r"prompts\.txt:1: class index 99"):
-        CaptionedImageDataModule(predict_file=str(prompts)).prompts()
+        CaptionedImageDataModule(predict_path=str(prompts)).prompts()
+    with pytest.raises(FileNotFoundError, match="not a file of prompts"):
+        CaptionedImageDataModule(predict_path=str(tmp_path / "missing.txt")).prompts()
 
 
-def test_zoo_predict_writes_png_grids(tmp_path):
+@pytest.mark.parametrize("captions", [False, True], ids=["class", "caption"])
+def test_predict_records_redraw_from_their_seed(tiny_ldm_kwargs, captions):
+    options = {"conditioning": tiny_captions()} if captions else {}
+    model = LatentDiffusion(
+        **{**tiny_ldm_kwargs, **options, "sampling": SamplingConfig(steps=2, samples_per_prompt=2, seed=7)}
+    ).eval()
+    data = CaptionedImageDataModule(batch_size=2)
+    batch = next(iter(data.predict_dataloader()))
+    records = model.predict_step(batch, 0)
+    assert [r["id"] for r in records] == ["red circle", "green circle"]
+    assert [r["seed"] for r in records] == [7, 8]
+    asked = (
+        {"captions": [batch["caption"][1]] * 2} if captions else {"labels": [batch["label"][1].item()] * 2}
+    )
+    assert records[1]["prompt"] == (batch["caption"][1] if captions else "green circle")
+    redrawn = model.generate(**asked, seed=records[1]["seed"])
+    assert records[1]["grid"].tobytes() == to_pil(make_grid(to_unit_range(redrawn), nrow=2)).tobytes()
+
+
+def test_zoo_predict_writes_a_record_and_a_grid_per_prompt(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle\ngreen cross\n")
-    out = tmp_path / "samples"
     ZooCLI(
         args=[
             "predict", "--config", str(CONFIGS / "diffusion" / "ldm_unet_class.yaml"),
-            "--model.init_args.scale_factor=1.0", "--model.init_args.samples_per_prompt=3",
-            "--model.init_args.sampling_steps=2", f"--data.init_args.predict_file={prompts}",
-            f"--trainer.callbacks+={{class_path: zoo.diffusion.SampleGridWriter, init_args: {{output_dir: {out}}}}}",
+            "--model.init_args.scale_factor=1.0", "--model.init_args.sampling.samples_per_prompt=3",
+            "--model.init_args.sampling.steps=2", f"--data.init_args.predict_path={prompts}",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
         ]
     )  # fmt: skip
-    files = sorted(p.name for p in out.iterdir())
-    assert files == ["000_red_circle.png", "001_green_cross.png", "all.png"]
-    with Image.open(out / "all.png") as grid:
-        assert grid.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 samples a row, one row per prompt, 2 px padding
+    (jsonl,) = tmp_path.rglob("predictions.jsonl")
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["id"], r["prompt"], r["seed"]) for r in records] == [
+        ("red circle", "red circle", 0),
+        ("green cross", "green cross", 1),
+    ]
+    with Image.open(jsonl.parent / records[1]["grid"]) as grid:
+        assert grid.size == (3 * 34 + 2, 34 + 2)  # the prompt's 3 samples in a row, 2 px padding

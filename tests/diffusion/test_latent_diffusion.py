@@ -7,12 +7,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from zoo.diffusion import ControlNetDiffusion, LatentDiffusion
-from zoo.diffusion.conditioning import CaptionConditioner, ClassConditioner
+from zoo.diffusion import (
+    ClassConditioning,
+    ControlNetDiffusion,
+    DiffusionObjective,
+    LatentDiffusion,
+    LoRAConfig,
+    NoConditioning,
+)
+from zoo.diffusion.conditioning import CaptionConditioner, CaptionConditioning, ClassConditioner
 from zoo.diffusion.scale import latent_scale_factor
 from zoo.diffusion.schedules import build_noise_scheduler, loss_weights, snr
 
-from .conftest import TINY_DIT
+from .conftest import TINY_DIT, tiny_captions
 
 
 def _trainer(**kwargs) -> L.Trainer:
@@ -39,19 +46,25 @@ class _Data(L.LightningDataModule):
 @pytest.mark.parametrize(
     "options",
     [
-        {"conditioning": "class"},
-        {"conditioning": "caption"},
-        {"conditioning": "none"},
-        {"conditioning": "class", "denoiser": "dit", "denoiser_config": TINY_DIT},
-        {"conditioning": "class", "inpainting": True, "noise_offset": 0.1},
+        {},
+        {"conditioning": tiny_captions()},
+        {"conditioning": NoConditioning(dim=16)},
+        {"model_name": "dit", "model_kwargs": TINY_DIT},
+        {"inpainting": True, "objective": DiffusionObjective(noise_offset=0.1)},
         {
-            "beta_schedule": "cosine",
-            "prediction_type": "v_prediction",
-            "rescale_zero_terminal_snr": True,
-            "snr_gamma": 5.0,
+            "objective": DiffusionObjective(
+                beta_schedule="cosine",
+                prediction_type="v_prediction",
+                rescale_zero_terminal_snr=True,
+                snr_gamma=5.0,
+            )
         },
-        {"conditioning": "caption", "gradient_checkpointing": True, "beta_schedule": "scaled_linear"},
-        {"autoencoder": None, "conditioning": "class"},
+        {
+            "conditioning": tiny_captions(),
+            "gradient_checkpointing": True,
+            "objective": DiffusionObjective(beta_schedule="scaled_linear"),
+        },
+        {"autoencoder": None},
     ],
     ids=[
         "class",
@@ -73,14 +86,17 @@ def test_every_variant_trains_and_samples(options, tiny_ldm_kwargs, batch):
     assert all(p.grad is None for p in model.first_stage.parameters())  # frozen
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     model.eval()
-    kind = model.hparams.conditioning
     images = model.generate(
-        labels=[0, 5] if kind == "class" else None,
-        captions=["a small red circle in the top left", "a large blue cross"] if kind == "caption" else None,
+        labels=[0, 5] if isinstance(model.conditioning, ClassConditioning) else None,
+        captions=["a small red circle in the top left", "a large blue cross"]
+        if isinstance(model.conditioning, CaptionConditioning)
+        else None,
         num_samples=2,
         steps=2,
     )
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+    inputs = model.example_inputs(3)  # forward's tensor-only signature, for tracing and export
+    assert model(*inputs).shape == (3, model.latent_channels, *inputs[0].shape[-2:])
 
 
 def test_condition_dropout_substitutes_the_null_condition():
@@ -106,20 +122,44 @@ def test_tokenizer_and_caption_errors_are_clear():
     with pytest.raises(ValueError, match="caption_vocabulary"):
         CaptionConditioner(None)
     with pytest.raises(ValueError, match="class-conditional"):
-        LatentDiffusion(autoencoder=None, denoiser="dit", conditioning="caption", caption_vocabulary=["a"])
+        LatentDiffusion(
+            autoencoder=None, model_name="dit", conditioning=CaptionConditioning(), caption_vocabulary=["a"]
+        )
     with pytest.raises(ValueError, match="not divisible"):
-        LatentDiffusion(autoencoder={"base_channels": 8, "norm_num_groups": 8}, img_size=18, num_classes=2)
+        LatentDiffusion(
+            autoencoder={"model_kwargs": {"base_channels": 8, "norm_num_groups": 8}},
+            img_size=18,
+            num_classes=2,
+        )
+
+
+def test_parts_are_checked_and_named_in_errors():
+    with pytest.raises(ValueError, match="model_name must be one of"):
+        LatentDiffusion(autoencoder=None, model_name="transformer")
+    with pytest.raises(ValueError, match=r"architecture.*\['kind'\]"):  # the earlier flat dict
+        LatentDiffusion(autoencoder={"kind": "kl"}, num_classes=2)
+    with pytest.raises(ValueError, match="not a kind of ConditioningConfig"):
+        LatentDiffusion(autoencoder=None, conditioning={"class_path": "ImageConditioning"})
+    with pytest.raises(ValueError, match=r"zoo\.diffusion\.checkpoints"):
+        LatentDiffusion(autoencoder=None, conditioning="class", num_classes=2)
+    with pytest.raises(ValueError, match="condition dropout"):
+        ClassConditioning(dropout=1.0)
+    with pytest.raises(ValueError, match="v_prediction"):
+        DiffusionObjective(rescale_zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="LoRA rank"):
+        LoRAConfig(rank=0)
+    from zoo.diffusion import SamplingConfig
+
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        SamplingConfig(sampler="euler")
 
 
 def test_dit_keeps_only_our_condition_dropout(tiny_ldm_kwargs):
-    model = LatentDiffusion(**{**tiny_ldm_kwargs, "denoiser": "dit", "denoiser_config": TINY_DIT}).train()
+    model = LatentDiffusion(**{**tiny_ldm_kwargs, "model_name": "dit", "model_kwargs": TINY_DIT}).train()
     x, t = torch.randn(16, 4, 4, 4), torch.randint(0, 1000, (16,))
     cond = model.conditioner(torch.arange(16) % 12)
-    assert torch.equal(model(x, t, cond), model(x, t, cond))  # diffusers' own 10% label drop is off
-    assert (
-        model.denoiser.model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
-        == 13
-    )
+    assert torch.equal(model.predict(x, t, cond), model.predict(x, t, cond))  # diffusers' own 10% drop is off
+    assert model.model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings == 13
 
 
 def test_min_snr_weights_follow_the_formula():
@@ -183,7 +223,7 @@ def test_generation_is_seeded_and_guidance_changes_it(tiny_ldm_kwargs):
     assert torch.equal(a, model.generate(labels=[1, 2], steps=3, seed=4))
     assert not torch.equal(a, model.generate(labels=[1, 2], steps=3, seed=5))
     assert not torch.equal(a, model.generate(labels=[1, 2], steps=3, seed=4, guidance_scale=1.0))
-    captions = LatentDiffusion(**{**tiny_ldm_kwargs, "conditioning": "caption"}).eval()
+    captions = LatentDiffusion(**{**tiny_ldm_kwargs, "conditioning": tiny_captions()}).eval()
     plain = captions.generate(captions=["a red circle"], steps=2)
     negative = captions.generate(captions=["a red circle"], negative_captions=["a blue square"], steps=2)
     assert not torch.equal(plain, negative)
@@ -213,7 +253,7 @@ def test_lora_trains_adapters_only_and_saves_them_apart(tiny_ldm_kwargs, batch, 
     trainer.fit(base, datamodule=_Data(batch))
     trainer.save_checkpoint(tmp_path / "base.ckpt")
     lora = LatentDiffusion(
-        **{**tiny_ldm_kwargs, "base_checkpoint": str(tmp_path / "base.ckpt"), "lora_rank": 4}
+        **{**tiny_ldm_kwargs, "base_checkpoint": str(tmp_path / "base.ckpt"), "lora": LoRAConfig(rank=4)}
     )
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -224,13 +264,13 @@ def test_lora_trains_adapters_only_and_saves_them_apart(tiny_ldm_kwargs, batch, 
     base_size = (tmp_path / "base.ckpt").stat().st_size
     assert path.stat().st_size < base_size / 5
     fresh = LatentDiffusion(
-        **{**tiny_ldm_kwargs, "base_checkpoint": str(tmp_path / "base.ckpt"), "lora_rank": 4}
+        **{**tiny_ldm_kwargs, "base_checkpoint": str(tmp_path / "base.ckpt"), "lora": LoRAConfig(rank=4)}
     ).eval()
     lora.eval()
     x, t, cond = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), lora.conditioner(torch.tensor([1, 2]))
-    assert not torch.allclose(fresh(x, t, cond), lora(x, t, cond))
+    assert not torch.allclose(fresh.predict(x, t, cond), lora.predict(x, t, cond))
     fresh.load_lora(path)
-    assert torch.allclose(fresh(x, t, cond), lora(x, t, cond), atol=1e-6)
+    assert torch.allclose(fresh.predict(x, t, cond), lora.predict(x, t, cond), atol=1e-6)
     with pytest.raises(ValueError, match="no LoRA adapter"):
         LatentDiffusion(**tiny_ldm_kwargs).load_lora(path)
 
@@ -246,14 +286,21 @@ def test_controlnet_starts_as_the_base_and_trains_alone(tiny_ldm_kwargs, batch, 
     x, t, cond = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), base.conditioner(torch.tensor([1, 2]))
     edges = control.control_image(batch)[:2]
     assert edges.shape == (2, 1, 16, 16) and set(edges.unique().tolist()) <= {0.0, 1.0}
-    assert torch.allclose(control(x, t, cond, control=edges), base(x, t, cond), atol=1e-6)  # zero convs
+    expected = base.predict(x, t, cond)
+    assert torch.allclose(control.predict(x, t, cond, control=edges), expected, atol=1e-6)  # zero convs
     loss = control.diffusion_loss(batch)
     loss.backward()
     assert control.controlnet.controlnet_mid_block.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="control image"):
-        control(x, t, cond)
+        control.predict(x, t, cond)
+    with pytest.raises(ValueError, match="ControlNetDiffusion model"):
+        base.predict(x, t, cond, control=edges)
     samples = control.generate(labels=[0, 1], control_images=edges, steps=2)
     assert samples.shape == (2, 3, 16, 16)
+    inputs = control.example_inputs()
+    assert control(*inputs).shape == (2, 4, 4, 4) and inputs[-1].shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="separate runs"):
+        ControlNetDiffusion(**{**tiny_ldm_kwargs, "lora": LoRAConfig(rank=2)})
 
 
 def test_latent_cache_encodes_each_image_once_and_changes_nothing(tiny_ldm_kwargs, batch):

@@ -1,32 +1,60 @@
 """Latent diffusion (Rombach et al. 2022) on diffusers' models and schedulers.
 
 Stage 1, ``Autoencoder``: a KL or VQ autoencoder trained with L1 (+ LPIPS), KL or codebook loss and a
-PatchGAN. Stage 2, ``LatentDiffusion``: a UNet or DiT denoiser on the frozen autoencoder's latents,
-conditioned on class labels or captions, sampled by ``zoo.diffusion.sampling.sample``; LoRA and
-``ControlNetDiffusion`` fine-tune it. See ``zoo/diffusion/README.md``.
+PatchGAN. Stage 2, ``LatentDiffusion``: a UNet or DiT denoiser on the frozen autoencoder's latents, built
+from swappable parts (conditioning, objective, sampling, LoRA) and sampled by
+``zoo.diffusion.sampling.sample``; LoRA and ``ControlNetDiffusion`` fine-tune it. See ``zoo/diffusion/README.md``.
 """
 
 from zoo.diffusion.autoencoder import Autoencoder
-from zoo.diffusion.callbacks import SampleGridLogger, SampleGridWriter
-from zoo.diffusion.conditioning import Conditioning
+from zoo.diffusion.callbacks import SampleGridLogger
+from zoo.diffusion.checkpoints import upgrade_checkpoint
+from zoo.diffusion.conditioning import (
+    CaptionConditioning,
+    ClassConditioning,
+    Conditioning,
+    ConditioningConfig,
+    NoConditioning,
+)
 from zoo.diffusion.controlnet import ControlNetDiffusion
-from zoo.diffusion.denoiser import Denoiser
-from zoo.diffusion.first_stage import FirstStage, IdentityFirstStage, build_autoencoder, load_first_stage
+from zoo.diffusion.lora import LoRAConfig
+from zoo.diffusion.losses import AutoencoderLoss, DiscriminatorConfig
+from zoo.diffusion.model import (
+    Denoiser,
+    FirstStage,
+    IdentityFirstStage,
+    build_autoencoder,
+    build_denoiser,
+    denoise,
+    load_first_stage,
+)
 from zoo.diffusion.module import LatentDiffusion
-from zoo.diffusion.sampling import guided, sample
+from zoo.diffusion.sampling import SamplingConfig, guided, sample
+from zoo.diffusion.schedules import DiffusionObjective
 
 __all__ = [
     "Autoencoder",
+    "AutoencoderLoss",
+    "CaptionConditioning",
+    "ClassConditioning",
     "Conditioning",
+    "ConditioningConfig",
     "ControlNetDiffusion",
     "Denoiser",
+    "DiffusionObjective",
+    "DiscriminatorConfig",
     "FirstStage",
     "IdentityFirstStage",
     "LatentDiffusion",
+    "LoRAConfig",
+    "NoConditioning",
     "SampleGridLogger",
-    "SampleGridWriter",
+    "SamplingConfig",
     "build_autoencoder",
+    "build_denoiser",
+    "denoise",
     "guided",
     "load_first_stage",
     "sample",
+    "upgrade_checkpoint",
 ]

@@ -1,29 +1,20 @@
-"""Callbacks of the diffusion family: sample grids during validation, PNG grids from ``zoo predict``.
+"""``SampleGridLogger``: what a diffusion model draws, during training.
 
-- ``SampleGridLogger``: after validation, samples with the conditions of the first validation batch
-  (fixed seed, so grids are comparable across epochs), logs the grid to loggers that take images and
-  writes it as ``<log_dir>/samples/epoch=N.png``, so it is visible even with the CSV logger.
-- ``SampleGridWriter``: a ``BasePredictionWriter`` for ``zoo predict``; one PNG grid per prompt
-  (``<index>_<prompt>.png``, a row of ``samples_per_prompt`` images) and one ``all.png`` with a row per
-  prompt, under ``output_dir`` (default ``<trainer.default_root_dir>/samples``).
+After validation, it samples with the conditions of the first validation batch (fixed seed, so grids are
+comparable across epochs), logs the grid to loggers that take images and writes it as
+``<log_dir>/samples/epoch=N.png``, so it is visible even with the CSV logger. (``zoo predict`` writes the
+grids of a prompts file: ``LatentDiffusion.predict_step`` returns one record per prompt.)
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
 
 from zoo.diffusion.images import log_image_grid, make_grid, save_png, to_unit_range
 
-__all__ = ["SampleGridLogger", "SampleGridWriter"]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+__all__ = ["SampleGridLogger"]
 
 
 class SampleGridLogger(Callback):
@@ -57,24 +48,3 @@ class SampleGridLogger(Callback):
         log_image_grid(trainer.logger, "val/samples", grid, trainer.global_step)
         if self.save_png and trainer.log_dir:
             save_png(grid, Path(trainer.log_dir) / "samples" / f"epoch={trainer.current_epoch}.png")
-
-
-class SampleGridWriter(BasePredictionWriter):
-    """Write each prompt's samples (``LatentDiffusion.predict_step`` output) as PNG grids under ``output_dir``."""
-
-    def __init__(self, output_dir: str | None = None) -> None:
-        super().__init__(write_interval="epoch")
-        self.output_dir = Path(output_dir) if output_dir else None
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        out = self.output_dir or Path(trainer.default_root_dir) / "samples"
-        rows = []
-        for output in predictions:
-            for images, name, index in zip(output["images"], output["name"], output["index"]):
-                row = to_unit_range(images)
-                save_png(make_grid(row, nrow=len(row)), out / f"{int(index):03d}_{_slug(name)}.png")
-                rows.append(row)
-        if rows:
-            everything = torch.cat(rows)
-            save_png(make_grid(everything, nrow=len(rows[0])), out / "all.png")
-            print(f"zoo: {len(rows)} sample grids written to {out}", flush=True)

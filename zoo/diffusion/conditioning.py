@@ -1,20 +1,23 @@
 """What the denoiser is conditioned on: class labels, captions, or nothing, with classifier-free dropout.
 
-Every conditioner turns a batch into a ``Conditioning``: cross-attention tokens (``context``, with a
-padding mask) and/or ``class_labels``. Each has a learned *null* condition, which condition dropout
-substitutes during training and guidance uses as the unconditional branch:
+The part (``LatentDiffusion(conditioning=...)``) is one of three small configs, chosen in YAML by class:
+``ClassConditioning``, ``CaptionConditioning`` or ``NoConditioning``. Each ``build``s its conditioner, the
+``nn.Module`` that turns a batch or a prompt into a ``Conditioning``: cross-attention tokens (``context``,
+with a padding mask) and/or ``class_labels``. Every conditioner has a learned *null* condition, which
+condition dropout substitutes during training and guidance uses as the unconditional branch:
 
 - ``ClassConditioner``: class ``num_classes`` is the null class (LDM's cin256-v2 has 1001 classes for
   1000 for the same reason); labels feed the denoiser's class embedding and one context token.
 - ``CaptionConditioner``: a small transformer trained jointly with the denoiser, over a word tokenizer
-  built from the dataset's captions (the vocabulary is a constructor argument, so it is saved with the
-  checkpoint); or a frozen local ``CLIPTextModel`` directory. The null caption is the empty string,
-  which is also what a negative prompt replaces.
+  built from the dataset's captions (the vocabulary is a constructor argument of the module, so it is
+  saved with the checkpoint); or a frozen local ``CLIPTextModel`` directory. The null caption is the empty
+  string, which is also what a negative prompt replaces.
 - ``UnconditionalConditioner``: only the null token.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,12 +28,15 @@ from zoo.datamodules.captioned_images import tokenize_words
 
 __all__ = [
     "CaptionConditioner",
+    "CaptionConditioning",
     "CaptionEncoder",
     "ClassConditioner",
+    "ClassConditioning",
     "Conditioning",
+    "ConditioningConfig",
+    "NoConditioning",
     "UnconditionalConditioner",
     "WordTokenizer",
-    "build_conditioner",
 ]
 
 
@@ -66,12 +72,79 @@ class Conditioning:
         )
 
 
+# ------------------------------------------------------------------------------------------------ configs
+@dataclass(frozen=True)
+class ConditioningConfig(ABC):
+    """The conditioning part of ``LatentDiffusion``: which condition, its encoder and its dropout.
+
+    Args:
+        dim: width of the condition tokens (the denoiser's cross-attention width), unless a CLIP text
+            encoder fixes it.
+        dropout: probability of training a sample on the null condition, what classifier-free guidance needs.
+    """
+
+    dim: int = 128
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"condition dropout must be in [0, 1), got {self.dropout}")
+        if self.dim < 1:
+            raise ValueError(f"the condition width dim must be >= 1, got {self.dim}")
+
+    @abstractmethod
+    def build(self, num_classes: int, vocabulary: list[str] | None) -> nn.Module:
+        """The conditioner for data of ``num_classes`` classes and this caption ``vocabulary``."""
+
+
+@dataclass(frozen=True)
+class ClassConditioning(ConditioningConfig):
+    """Class labels (``num_classes`` comes from the data), with a learned null class."""
+
+    def build(self, num_classes: int, vocabulary: list[str] | None) -> nn.Module:
+        return ClassConditioner(num_classes, self.dim)
+
+
+@dataclass(frozen=True)
+class CaptionConditioning(ConditioningConfig):
+    """Captions through a jointly trained transformer over the data's words, or a frozen local CLIP.
+
+    Args:
+        layers / heads / max_length: the caption transformer and its token limit (captions are truncated).
+        text_encoder_path: a local ``CLIPTextModel`` directory used instead (frozen; sets the width).
+    """
+
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 16
+    text_encoder_path: str | None = None
+
+    def build(self, num_classes: int, vocabulary: list[str] | None) -> nn.Module:
+        return CaptionConditioner(
+            vocabulary, self.dim, self.layers, self.heads, self.max_length, self.text_encoder_path
+        )
+
+
+@dataclass(frozen=True)
+class NoConditioning(ConditioningConfig):
+    """Unconditional generation: every sample gets the one learned null token (dropout changes nothing)."""
+
+    dropout: float = 0.0
+
+    def build(self, num_classes: int, vocabulary: list[str] | None) -> nn.Module:
+        return UnconditionalConditioner(self.dim)
+
+
+# --------------------------------------------------------------------------------------------- conditioners
 class ClassConditioner(nn.Module):
+    """Class labels -> the class embedding token and the labels themselves."""
+
     def __init__(self, num_classes: int, dim: int) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"class conditioning needs num_classes >= 1, got {num_classes}")
         self.num_classes = num_classes
+        self.dim = dim
         self.embedding = nn.Embedding(num_classes + 1, dim)
 
     @property
@@ -89,15 +162,34 @@ class ClassConditioner(nn.Module):
         return Conditioning(context=self.embedding(labels)[:, None], class_labels=labels)
 
     def from_batch(self, batch: dict, drop: torch.Tensor | None = None) -> Conditioning:
-        return self(batch["label"], drop)
+        return self(batch["label"].to(self.embedding.weight.device), drop)
 
     def null(self, batch_size: int, device) -> Conditioning:
         return self(torch.full((batch_size,), self.null_label, device=device))
 
+    def guidance_pair(self, labels=None, captions=None, negative_captions=None, n: int = 0, device=None):
+        """``(condition, unconditional)`` for sampling ``labels``."""
+        if labels is None:
+            raise ValueError("a class-conditional model needs labels to sample")
+        return self(torch.as_tensor(labels, device=device)), self.null(n, device)
+
+    def prompts(self, batch: dict) -> dict:
+        """``generate`` arguments asking for the classes of a batch."""
+        labels = torch.as_tensor(batch["label"]).tolist()
+        if min(labels) < 0:
+            names = batch.get("name", batch.get("caption"))
+            raise ValueError(f"prompts {names} are not class names of this class-conditional model")
+        return {"labels": labels}
+
 
 class UnconditionalConditioner(nn.Module):
+    """The same learned token for every sample."""
+
+    num_classes = 0
+
     def __init__(self, dim: int) -> None:
         super().__init__()
+        self.dim = dim
         self.token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
 
     def null(self, batch_size: int, device) -> Conditioning:
@@ -105,6 +197,13 @@ class UnconditionalConditioner(nn.Module):
 
     def from_batch(self, batch: dict, drop: torch.Tensor | None = None) -> Conditioning:
         return self.null(len(batch["image"]), self.token.device)
+
+    def guidance_pair(self, labels=None, captions=None, negative_captions=None, n: int = 0, device=None):
+        null = self.null(n, device)
+        return null, null
+
+    def prompts(self, batch: dict) -> dict:
+        return {}
 
 
 class WordTokenizer:
@@ -157,14 +256,16 @@ class _ClipEncoder(nn.Module):
 
     def __init__(self, path: str) -> None:
         super().__init__()
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from zoo.extras import require
 
+        transformers = require("transformers", "clip", "a CLIP text encoder (text_encoder_path)")
         if not Path(path, "config.json").is_file():
             raise FileNotFoundError(
-                f"text_encoder {path!r} is not a local CLIPTextModel directory (no config.json)"
+                f"text_encoder_path {path!r} is not a local CLIPTextModel directory (no config.json)"
             )
-        self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).requires_grad_(False).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        model = transformers.CLIPTextModel.from_pretrained(path, local_files_only=True)
+        self.model = model.requires_grad_(False).eval()
+        self.tokenizer = transformers.CLIPTokenizer.from_pretrained(path, local_files_only=True)
         self.dim = self.model.config.hidden_size
 
     def train(self, mode: bool = True) -> _ClipEncoder:
@@ -178,6 +279,10 @@ class _ClipEncoder(nn.Module):
 
 
 class CaptionConditioner(nn.Module):
+    """Captions -> context tokens and their padding mask, from a jointly trained encoder or a frozen CLIP."""
+
+    num_classes = 0
+
     def __init__(
         self,
         vocabulary: list[str] | None,
@@ -221,23 +326,14 @@ class CaptionConditioner(nn.Module):
     def null(self, batch_size: int, device) -> Conditioning:
         return self([""] * batch_size)
 
+    def guidance_pair(self, labels=None, captions=None, negative_captions=None, n: int = 0, device=None):
+        """``(captions, negative captions)``; the negatives default to the empty, null caption."""
+        if captions is None:
+            raise ValueError("a caption-conditional model needs captions to sample")
+        negative = list(negative_captions) if negative_captions is not None else [""] * n
+        if len(negative) != n:
+            raise ValueError(f"got {len(negative)} negative prompts for {n} captions")
+        return self(list(captions)), self(negative)
 
-def build_conditioner(
-    kind: str,
-    dim: int,
-    num_classes: int,
-    vocabulary: list[str] | None,
-    text_layers: int,
-    text_heads: int,
-    max_caption_length: int,
-    text_encoder_path: str | None,
-) -> nn.Module:
-    if kind == "class":
-        return ClassConditioner(num_classes, dim)
-    if kind == "caption":
-        return CaptionConditioner(
-            vocabulary, dim, text_layers, text_heads, max_caption_length, text_encoder_path
-        )
-    if kind == "none":
-        return UnconditionalConditioner(dim)
-    raise ValueError(f"conditioning must be 'class', 'caption' or 'none', got {kind!r}")
+    def prompts(self, batch: dict) -> dict:
+        return {"captions": list(batch["caption"])}

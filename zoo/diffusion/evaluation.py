@@ -22,16 +22,22 @@ __all__ = ["conditional_accuracy", "load_classifier", "load_latent_diffusion"]
 
 def load_latent_diffusion(path: str, use_ema: bool = True):
     """A ``LatentDiffusion``/``ControlNetDiffusion`` checkpoint; with ``use_ema`` its ``zoo.callbacks.EMA`` weights."""
-    from zoo.diffusion import ControlNetDiffusion, LatentDiffusion
+    from zoo.diffusion import ControlNetDiffusion, LatentDiffusion, upgrade_checkpoint
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = upgrade_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
     cls = ControlNetDiffusion if "control" in checkpoint.get("hyper_parameters", {}) else LatentDiffusion
     model = cls.load_from_checkpoint(path, map_location="cpu")
     has_ema = any(key.startswith("EMA") for key in checkpoint.get("callbacks", {}))
     if use_ema and has_ema:
         from zoo.callbacks import EMA
 
-        model.load_state_dict(EMA.ema_state_dict(checkpoint), strict=False)
+        ema = EMA.ema_state_dict(checkpoint)
+        missing = [name for name, _ in model.named_parameters() if name not in ema]
+        if missing:
+            raise ValueError(
+                f"{path}: the EMA state lacks {len(missing)} of the model's weights, e.g. {missing[:3]}"
+            )
+        model.load_state_dict(ema, strict=False)
     return model.eval()
 
 

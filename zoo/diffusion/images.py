@@ -1,4 +1,5 @@
-"""Image helpers shared by the diffusion modules and callbacks: grids, PNG files, logger images, edge maps."""
+"""Image helpers shared by the diffusion modules and callbacks: grids, PIL images and PNG files, logger
+images, edge maps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["edge_map", "log_image_grid", "make_grid", "save_png", "to_unit_range"]
+__all__ = ["edge_map", "log_image_grid", "make_grid", "save_png", "to_pil", "to_unit_range"]
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -22,15 +23,20 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.Te
     return tv_make_grid(images.cpu(), nrow=nrow, padding=padding)
 
 
-def save_png(image: torch.Tensor, path: str | Path) -> Path:
-    """Write a (C, H, W) [0, 1] tensor as an 8-bit PNG, via a temporary file so no half-written PNG is left."""
+def to_pil(image: torch.Tensor):
+    """A (C, H, W) [0, 1] tensor as an 8-bit ``PIL.Image`` (grey for one channel)."""
     from PIL import Image
 
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Write a (C, H, W) [0, 1] tensor as an 8-bit PNG, via a temporary file so no half-written PNG is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(tmp, format="PNG")
+    to_pil(image).save(tmp, format="PNG")
     tmp.replace(path)
     return path
 

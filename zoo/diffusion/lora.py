@@ -1,45 +1,74 @@
 """LoRA on the denoiser's attention projections (peft), kept apart from the base weights.
 
-diffusers models carry peft's adapter API (``add_adapter``); this module adds the two things a
-fine-tuning run needs around it: which layers get adapters by default (the attention q/k/v/out
-projections, as diffusers' LoRA script), and a small ``safetensors`` file holding only the adapter
-weights (kB to MB, not the whole model) that can be loaded onto any copy of the same base model.
+``LoRAConfig`` says what an adapter is (rank, scale, dropout, which layers) independently of the model
+family; ``to_peft`` turns it into peft's ``LoraConfig`` with the family's default layers. diffusers models
+carry peft's adapter API (``add_adapter``); this module adds the two things a fine-tuning run needs around
+it: which layers get adapters by default (the attention q/k/v/out projections, as diffusers' LoRA
+script), and a small ``safetensors`` file holding only the adapter weights (kB to MB, not the whole
+model) that can be loaded onto any copy of the same base model.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_TARGETS", "add_lora", "load_lora_weights", "lora_state_dict", "save_lora_weights"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "LoRAConfig",
+    "add_lora",
+    "load_lora_weights",
+    "lora_state_dict",
+    "save_lora_weights",
+]
 
+#: The denoiser's attention projections (diffusers' names).
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def add_lora(
-    model: nn.Module, rank: int, alpha: float | None = None, targets: list[str] | None = None
-) -> None:
-    """Add a trainable LoRA adapter (``rank``, ``alpha`` default = rank) to ``targets`` of a diffusers model."""
-    try:
-        from peft import LoraConfig
-    except ImportError as error:
-        raise ImportError(
-            "LoRA needs the `peft` package: pip install peft (it is in the dev extras)"
-        ) from error
+@dataclass(frozen=True)
+class LoRAConfig:
+    """A LoRA adapter: ``W + (alpha / rank) * B A`` on every module named in ``targets``.
 
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
-        init_lora_weights="gaussian",
-        target_modules=list(targets or DEFAULT_TARGETS),
-    )
-    model.add_adapter(config)
+    Args:
+        rank: inner dimension of the update (>= 1).
+        alpha: scale numerator; ``None`` uses ``rank`` (a scale of 1).
+        dropout: dropout on the adapter's input.
+        targets: module names (or name suffixes) to adapt; ``None`` uses the model family's default
+            (for the denoiser: its attention projections, ``DEFAULT_TARGETS``).
+    """
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+
+    def to_peft(self, default_targets: tuple[str, ...] | list[str], **options):
+        """peft's ``LoraConfig`` for this adapter (``options``: further ``LoraConfig`` arguments)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            lora_dropout=self.dropout,
+            target_modules=list(self.targets or default_targets),
+            **options,
+        )
+
+
+def add_lora(model: nn.Module, config: LoRAConfig) -> None:
+    """Add a trainable LoRA adapter to a diffusers model (Gaussian-initialised, as diffusers' LoRA script)."""
+    peft_config = config.to_peft(DEFAULT_TARGETS, init_lora_weights="gaussian")
+    model.add_adapter(peft_config)
     if not any("lora_" in name for name, _ in model.named_parameters()):
-        raise ValueError(f"no module of the denoiser matches LoRA targets {config.target_modules}")
+        raise ValueError(f"no module of the denoiser matches LoRA targets {peft_config.target_modules}")
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -70,7 +99,7 @@ def load_lora_weights(model: nn.Module, path: str | Path) -> None:
         raise FileNotFoundError(f"LoRA weights {str(path)!r} do not exist")
     if not any("lora_" in name for name, _ in model.named_parameters()):
         raise ValueError(
-            "the model has no LoRA adapter: build it with lora_rank > 0 before loading LoRA weights"
+            "the model has no LoRA adapter: build it with a LoRAConfig (lora: {rank: ...}) before loading LoRA weights"
         )
     result = set_peft_model_state_dict(model, load_file(str(path)))
     unexpected = getattr(result, "unexpected_keys", None) or []

@@ -7,21 +7,82 @@
   gradient norms at the decoder's last layer, so neither drowns the other as their scales drift.
 - ``gradient_penalty``: R1 (Mescheder et al. 2018), a penalty on the discriminator's gradient at real
   images; an alternative to spectral norm for keeping the discriminator smooth.
+
+``AutoencoderLoss`` and ``DiscriminatorConfig`` are the two loss parts of the ``Autoencoder`` module.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "DISC_REGULARIZERS",
+    "AutoencoderLoss",
+    "DiscriminatorConfig",
     "PatchDiscriminator",
     "adaptive_generator_weight",
     "gradient_penalty",
     "hinge_discriminator_loss",
     "hinge_generator_loss",
 ]
+
+
+DISC_REGULARIZERS = ("none", "gradient_penalty", "spectral_norm")
+
+
+@dataclass(frozen=True)
+class AutoencoderLoss:
+    """The autoencoder's reconstruction and regularisation terms (LDM's ``LPIPSWithDiscriminator`` weights).
+
+    Args:
+        kl_weight: weight of the KL term (KL autoencoders); LDM's 1e-6 keeps the latents informative.
+        codebook_weight: weight of the codebook + commitment loss (VQ autoencoders).
+        perceptual_weight: LPIPS weight (LDM uses 1.0); > 0 needs ``perceptual_weights_path``, a local
+            file (``zoo.diffusion.perceptual``): nothing is downloaded.
+        learn_logvar: LDM's learned scalar log-variance on the reconstruction NLL.
+    """
+
+    kl_weight: float = 1e-6
+    codebook_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    perceptual_weights_path: str | None = None
+    learn_logvar: bool = True
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    """The PatchGAN and its schedule.
+
+    Args:
+        start: generator steps before the discriminator (and its loss) switch on.
+        weight: scale of the adaptive generator weight (LDM 0.5); 0 disables the GAN.
+        factor: multiplier of both GAN losses once they are on.
+        layers / channels: depth (stride-2 stages) and base width of the PatchGAN.
+        regularizer: ``"none"``, ``"gradient_penalty"`` (R1, weight ``gp_weight``) or ``"spectral_norm"``.
+    """
+
+    start: int = 2000
+    weight: float = 0.5
+    factor: float = 1.0
+    layers: int = 3
+    channels: int = 64
+    regularizer: str = "none"
+    gp_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.regularizer not in DISC_REGULARIZERS:
+            raise ValueError(
+                f"the discriminator's regularizer must be one of {DISC_REGULARIZERS}, got {self.regularizer!r}"
+            )
+
+    def build(self, in_channels: int = 3) -> PatchDiscriminator:
+        return PatchDiscriminator(
+            in_channels, self.channels, self.layers, spectral_norm=self.regularizer == "spectral_norm"
+        )
 
 
 class PatchDiscriminator(nn.Module):

@@ -1,35 +1,53 @@
 """``LatentDiffusion``: stage 2 of LDM, a denoiser trained on a frozen autoencoder's latents.
 
-Conditioning (class, caption or none) with classifier-free condition dropout, optional spatial
-conditioning by concatenation (inpainting: a mask and the masked image's latents), the training
-options of diffusers' scripts (beta schedule, zero-terminal SNR, epsilon/v prediction, min-SNR-gamma,
-noise offset, gradient checkpointing) and sampling with DDPM / DDIM / DPM-Solver++, guidance, negative
-prompts, img2img and inpainting through the one loop in ``zoo.diffusion.sampling``. EMA is the
-``zoo.callbacks.EMA`` callback; mixed precision is the trainer's ``precision``.
+The module is assembled from parts, each one constructor argument that YAML swaps on its own:
 
-``autoencoder`` is a stage-1 checkpoint, a diffusers directory, an architecture dict (an *untrained*
-autoencoder: what the shipped configs use so that they run anywhere; pass a checkpoint for real
-training) or ``None`` (pixel space). The first stage is frozen and held in eval mode whatever the
-trainer does. The scale factor is estimated at the start of fitting unless given (``zoo.diffusion.scale``)
-and stored as a buffer, so it is part of every checkpoint.
+- the first stage, ``autoencoder``: a stage-1 checkpoint, a diffusers directory, an architecture dict
+  (an *untrained* autoencoder: what the shipped configs use so that they run anywhere; pass a checkpoint
+  for real training) or ``None`` (pixel space). It is frozen and held in eval mode whatever the trainer
+  does; the scale factor is estimated at the start of fitting unless given (``zoo.diffusion.scale``) and
+  stored as a buffer, so it is part of every checkpoint;
+- the denoiser, ``self.model``: diffusers' UNet or DiT (``model_name`` + ``model_kwargs``, ``zoo.diffusion.model``);
+- the conditioning: ``ClassConditioning``, ``CaptionConditioning`` or ``NoConditioning``
+  (``zoo.diffusion.conditioning``), with classifier-free condition dropout;
+- the objective: ``DiffusionObjective`` (beta schedule, zero-terminal SNR, epsilon/v prediction,
+  min-SNR-gamma, noise offset; ``zoo.diffusion.schedules``);
+- the sampling defaults: ``SamplingConfig`` (DDPM / DDIM / DPM-Solver++, steps, guidance, negative prompt;
+  the one loop in ``zoo.diffusion.sampling`` also does img2img and inpainting);
+- LoRA: ``LoRAConfig`` or ``None`` (``zoo.diffusion.lora``).
+
+Optional spatial conditioning by concatenation (inpainting: a mask and the masked image's latents),
+gradient checkpointing and a latent cache are flags. EMA is the ``zoo.callbacks.EMA`` callback; mixed
+precision is the trainer's ``precision``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
-from zoo.base import ZooModule
-from zoo.diffusion.conditioning import Conditioning, build_conditioner
-from zoo.diffusion.denoiser import Denoiser, sharding_block_types
-from zoo.diffusion.first_stage import IdentityFirstStage, load_first_stage
-from zoo.diffusion.sampling import guided, sample
+from zoo.base import ZooModule, rename_keys
+from zoo.diffusion.checkpoints import UpgradesCheckpoints
+from zoo.diffusion.conditioning import ClassConditioning, Conditioning, ConditioningConfig
+from zoo.diffusion.images import make_grid, to_pil, to_unit_range
+from zoo.diffusion.lora import LoRAConfig
+from zoo.diffusion.model import (
+    DENOISERS,
+    IdentityFirstStage,
+    build_denoiser,
+    denoise,
+    load_first_stage,
+    sharding_block_types,
+)
+from zoo.diffusion.parts import plain_part, resolve_part
+from zoo.diffusion.sampling import SamplingConfig, guided, sample
 from zoo.diffusion.scale import latent_scale_factor
-from zoo.diffusion.schedules import build_noise_scheduler, build_sampler, loss_weights
+from zoo.diffusion.schedules import DiffusionObjective, build_sampler
 from zoo.optim import WarmupCosineLR
 
 __all__ = ["LatentDiffusion", "random_box_masks"]
@@ -49,35 +67,40 @@ def random_box_masks(
     return masks.to(device)
 
 
-class LatentDiffusion(ZooModule):
-    """Latent diffusion with a UNet or DiT denoiser; see the module docstring for the pieces.
+class LatentDiffusion(UpgradesCheckpoints, ZooModule):
+    """Latent diffusion with a UNet or DiT denoiser; see the module docstring for the parts.
 
     Args:
-        autoencoder: stage-1 ``.ckpt`` path, diffusers directory, ``build_autoencoder`` dict, or ``None``.
+        autoencoder: stage-1 ``.ckpt`` path, diffusers directory, ``{"model_name", "model_kwargs"}`` dict (the
+            ``Autoencoder``'s architecture, untrained), or ``None`` for pixel space.
         scale_factor: latent scale; ``None`` estimates ``1/std`` over ``scale_estimation_batches`` batches
             per rank at the start of fitting (1 in pixel space).
-        img_size / in_channels: the images (linked from the data module).
-        denoiser: ``"unet"`` (``UNet2DConditionModel``) or ``"dit"`` (``DiTTransformer2DModel``).
-        denoiser_config: diffusers constructor arguments overriding the small defaults.
-        conditioning: ``"class"``, ``"caption"`` or ``"none"``.
-        num_classes / caption_vocabulary: linked from the data module.
-        context_dim / text_layers / text_heads / max_caption_length: the caption encoder (and class token).
-        text_encoder_path: a local ``CLIPTextModel`` directory instead of the jointly trained encoder.
-        condition_dropout: probability of training a sample on the null condition (for guidance).
+        img_size: side of the images (linked from the data module).
+        model_name / model_kwargs: the denoiser, ``"unet"`` (``UNet2DConditionModel``) or ``"dit"``
+            (``DiTTransformer2DModel``), and diffusers constructor arguments overriding its small defaults.
+        conditioning: what the denoiser is conditioned on (``ClassConditioning``, ``CaptionConditioning``,
+            ``NoConditioning``), with its condition dropout.
+        num_classes / caption_vocabulary: what the data holds (linked from the data module).
+        objective: the forward process and the loss (``DiffusionObjective``).
+        sampling: defaults of ``generate`` and ``predict_step`` (``SamplingConfig``).
+        lora: train only LoRA adapters (peft) on the denoiser (``LoRAConfig``); ``None`` trains everything.
+        base_checkpoint: a ``LatentDiffusion`` checkpoint to start from (LoRA and ControlNet fine-tuning).
         inpainting: concatenate a mask and the masked image's latents to the input (random boxes in training).
-        beta_schedule: ``"linear"``, ``"scaled_linear"`` or ``"cosine"``; num_train_timesteps, beta_start/end.
-        rescale_zero_terminal_snr / prediction_type / snr_gamma / noise_offset: diffusers' training options.
         gradient_checkpointing: recompute the denoiser's activations in backward.
         cache_latents: encode each training image once and keep its latent (CPU memory, keyed by the
             batch's ``index``): the frozen encoder then costs nothing after the first epoch. Only for
             data without random augmentation (refused with ``random_flip``).
-        base_checkpoint: a ``LatentDiffusion`` checkpoint to start from (LoRA and ControlNet fine-tuning).
-        lora_rank / lora_alpha / lora_targets: train only LoRA adapters (peft) on the denoiser's attention.
-        sampler / sampling_steps / guidance_scale / eta / negative_prompt / samples_per_prompt / seed:
-            defaults of ``generate`` and of ``predict_step``.
     """
 
     replicated_modules = ("first_stage",)  # frozen, and encode/decode run outside forward
+    state_dict_renames = (("denoiser.model.", "model."),)
+    #: The constructor arguments that are parts, and the class each resolves to (``zoo.diffusion.parts``).
+    parts: ClassVar[dict[str, type]] = {
+        "conditioning": ConditioningConfig,
+        "objective": DiffusionObjective,
+        "sampling": SamplingConfig,
+        "lora": LoRAConfig,
+    }
 
     def __init__(
         self,
@@ -85,94 +108,73 @@ class LatentDiffusion(ZooModule):
         scale_factor: float | None = None,
         scale_estimation_batches: int = 8,
         img_size: int = 32,
-        in_channels: int = 3,
-        denoiser: str = "unet",
-        denoiser_config: dict | None = None,
-        conditioning: str = "class",
+        model_name: str = "unet",
+        model_kwargs: dict | None = None,
+        # parts are frozen dataclasses: their instances are safe (immutable) defaults
+        conditioning: ConditioningConfig = ClassConditioning(),  # noqa: B008
         num_classes: int = 0,
         caption_vocabulary: list[str] | None = None,
-        context_dim: int = 128,
-        text_layers: int = 2,
-        text_heads: int = 4,
-        max_caption_length: int = 16,
-        text_encoder_path: str | None = None,
-        condition_dropout: float = 0.1,
+        objective: DiffusionObjective = DiffusionObjective(),  # noqa: B008
+        sampling: SamplingConfig = SamplingConfig(),  # noqa: B008
+        lora: LoRAConfig | None = None,
+        base_checkpoint: str | None = None,
         inpainting: bool = False,
-        beta_schedule: str = "linear",
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        rescale_zero_terminal_snr: bool = False,
-        prediction_type: str = "epsilon",
-        snr_gamma: float | None = None,
-        noise_offset: float = 0.0,
         gradient_checkpointing: bool = False,
         cache_latents: bool = False,
-        base_checkpoint: str | None = None,
-        lora_rank: int = 0,
-        lora_alpha: float | None = None,
-        lora_targets: list[str] | None = None,
-        sampler: str = "dpmsolver++",
-        sampling_steps: int = 25,
-        guidance_scale: float = 3.0,
-        eta: float = 0.0,
-        negative_prompt: str = "",
-        samples_per_prompt: int = 4,
-        seed: int = 0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
+        if model_name not in DENOISERS:
+            raise ValueError(f"model_name must be one of {sorted(DENOISERS)}, got {model_name!r}")
+        # checked, and saved as plain data: checkpoints and hparams.yaml then hold no classes
+        conditioning = plain_part(conditioning, ConditioningConfig)
+        objective = plain_part(objective, DiffusionObjective)
+        sampling = plain_part(sampling, SamplingConfig)
+        lora = plain_part(lora, LoRAConfig)
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        if not 0.0 <= condition_dropout < 1.0:
-            raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout}")
-        build_sampler(sampler, build_noise_scheduler())  # fail early on an unknown sampler name
-        self.first_stage = load_first_stage(autoencoder, in_channels)
+
+    # ------------------------------------------------------------- set-up
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.conditioning = resolve_part(hp.conditioning, ConditioningConfig)
+        self.objective = resolve_part(hp.objective, DiffusionObjective)
+        self.sampling = resolve_part(hp.sampling, SamplingConfig)
+        self.lora = resolve_part(hp.lora, LoRAConfig)
+        self.first_stage = load_first_stage(hp.autoencoder)
         factor = self.first_stage.downsample_factor
-        if img_size % factor:
+        if hp.img_size % factor:
             raise ValueError(
-                f"img_size={img_size} is not divisible by the autoencoder's downsampling factor {factor}"
+                f"img_size={hp.img_size} is not divisible by the autoencoder's downsampling factor {factor}"
             )
-        self.latent_size = img_size // factor
+        self.latent_size = hp.img_size // factor
         self.latent_channels = self.first_stage.latent_channels
-        known_scale = 1.0 if isinstance(self.first_stage, IdentityFirstStage) else scale_factor
+        known_scale = 1.0 if isinstance(self.first_stage, IdentityFirstStage) else hp.scale_factor
         self.register_buffer("scale_factor", torch.tensor(float(known_scale or 0.0)))
-        self.conditioner = build_conditioner(
-            conditioning, context_dim, num_classes, caption_vocabulary, text_layers, text_heads,
-            max_caption_length, text_encoder_path,
-        )  # fmt: skip
-        extra = self.latent_channels + 1 if inpainting else 0
-        self.denoiser = Denoiser(
-            denoiser,
+        self.conditioner = self.conditioning.build(hp.num_classes, hp.caption_vocabulary)
+        extra = self.latent_channels + 1 if hp.inpainting else 0
+        self.model = build_denoiser(
+            hp.model_name,
             sample_size=self.latent_size,
             in_channels=self.latent_channels + extra,
             out_channels=self.latent_channels,
-            context_dim=getattr(self.conditioner, "dim", context_dim),
-            num_classes=num_classes if conditioning == "class" else 0,
-            config=denoiser_config,
+            context_dim=self.conditioner.dim,
+            num_classes=self.conditioner.num_classes,
+            model_kwargs=hp.model_kwargs,
         )
-        if gradient_checkpointing:
-            self.denoiser.model.enable_gradient_checkpointing()
-        self.noise_scheduler = build_noise_scheduler(
-            beta_schedule,
-            num_train_timesteps,
-            beta_start,
-            beta_end,
-            prediction_type,
-            rescale_zero_terminal_snr,
-        )
-        self.sharding_units = sharding_block_types(self.denoiser.model)
-        if base_checkpoint is not None:
-            self.load_base_checkpoint(base_checkpoint)
-        if lora_rank > 0:
+        if hp.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.noise_scheduler = self.objective.noise_scheduler()
+        self.sharding_units = sharding_block_types(self.model)
+        if hp.base_checkpoint is not None:
+            self.load_base_checkpoint(hp.base_checkpoint)
+        if self.lora is not None:
             from zoo.diffusion.lora import add_lora
 
             self.requires_grad_(False)
-            add_lora(self.denoiser.model, lora_rank, lora_alpha, lora_targets)
+            add_lora(self.model, self.lora)
         self.first_stage.requires_grad_(False)
         self._latent_cache: dict[int, torch.Tensor] = {}
 
-    # ------------------------------------------------------------- set-up
     def load_base_checkpoint(self, path: str) -> None:
         """Weights (denoiser, conditioner, scale factor, first stage) of a ``LatentDiffusion`` checkpoint."""
         file = Path(path)
@@ -181,6 +183,7 @@ class LatentDiffusion(ZooModule):
         state = torch.load(file, map_location="cpu", weights_only=True).get("state_dict")
         if not isinstance(state, dict):
             raise ValueError(f"base_checkpoint {str(file)!r} has no state_dict: not a Lightning checkpoint")
+        state = rename_keys(state, self.state_dict_renames)
         own = self.state_dict()
         wanted = {k: v for k, v in state.items() if k in own and not k.startswith(("controlnet.",))}
         missing = [k for k in own if k not in wanted and not k.startswith("controlnet.") and "lora_" not in k]
@@ -201,10 +204,10 @@ class LatentDiffusion(ZooModule):
         if self.hparams.cache_latents and getattr(getattr(datamodule, "hparams", None), "random_flip", False):
             raise ValueError("cache_latents needs unaugmented data: the data module has random_flip=True")
         bucketed = getattr(getattr(datamodule, "hparams", None), "resolution_buckets", False)
-        if bucketed and self.hparams.denoiser == "dit":
+        if bucketed and self.hparams.model_name == "dit":
             raise ValueError(
                 "resolution_buckets serve non-square images, which diffusers' DiTTransformer2DModel cannot "
-                "unpatchify (it assumes square latents): use denoiser='unet' or turn the buckets off"
+                "unpatchify (it assumes square latents): use model_name='unet' or turn the buckets off"
             )
         if float(self.scale_factor) == 0.0:
             self.estimate_scale_factor()
@@ -264,19 +267,37 @@ class LatentDiffusion(ZooModule):
         small = F.interpolate(masks, size=(self.latent_size, self.latent_size), mode="nearest")
         return torch.cat([small, self.encode(masked)], dim=1)
 
-    # ----------------------------------------------------------- conditions
+    # ----------------------------------------------------------- denoising
     def condition(
         self, batch: dict, dropout: float = 0.0, generator: torch.Generator | None = None
     ) -> Conditioning:
+        """The batch's conditions, each replaced by the null condition with probability ``dropout``."""
         n = len(batch["caption"]) if "caption" in batch else len(batch["label"])
         drop = None
         if dropout > 0:
             drop = (torch.rand(n, generator=generator) < dropout).to(self.device)
-        if "label" in batch and torch.is_tensor(batch["label"]):
-            batch = {**batch, "label": batch["label"].to(self.device)}
         return self.conditioner.from_batch(batch, drop)
 
     def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The denoiser's prediction (noise or v), from tensors only (what tracing and export see).
+
+        ``noisy_latents`` is the denoiser's whole input (for an inpainting model: with the mask and the masked
+        image's latents concatenated); ``context`` / ``class_labels`` / ``context_mask`` are a ``Conditioning``'s
+        fields; ``control`` is a ControlNet's conditioning image (only ``ControlNetDiffusion`` takes one).
+        """
+        if control is not None:
+            raise ValueError("control images need a ControlNetDiffusion model")
+        return denoise(self.model, noisy_latents, timesteps, context, class_labels, context_mask)
+
+    def predict(
         self,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
@@ -284,13 +305,24 @@ class LatentDiffusion(ZooModule):
         concat: torch.Tensor | None = None,
         control: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The denoiser's prediction (noise or v); ``concat`` is the inpainting input, ``control`` a
-        ControlNet's conditioning image (only ``ControlNetDiffusion`` takes one)."""
-        if control is not None:
-            raise ValueError("control images need a ControlNetDiffusion model")
+        """``forward`` for a ``Conditioning``, with the inpainting channels ``concat`` appended to the latents."""
         if concat is not None:
             noisy_latents = torch.cat([noisy_latents, concat], dim=1)
-        return self.denoiser(noisy_latents, timesteps, cond)
+        return self(noisy_latents, timesteps, cond.context, cond.class_labels, cond.context_mask, control)
+
+    def example_inputs(self, batch_size: int = 2) -> tuple[torch.Tensor | None, ...]:
+        """Noisy latents, timesteps and the null condition's tensors (``None`` where the conditioning has none)."""
+        generator = torch.Generator().manual_seed(0)
+        side, channels = self.latent_size, self.model.config.in_channels
+        latents = torch.randn(batch_size, channels, side, side, generator=generator).to(self.device)
+        steps = self.objective.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch_size,), generator=generator).to(self.device)
+        with torch.no_grad():
+            cond = self.conditioner.null(batch_size, self.device)
+        inputs = [latents, timesteps, cond.context, cond.class_labels, cond.context_mask]
+        while inputs[-1] is None:
+            inputs.pop()
+        return tuple(inputs)
 
     def control_image(self, batch: dict) -> torch.Tensor | None:
         """The spatial control derived from a batch (``None`` here; ControlNet returns its edge map)."""
@@ -312,15 +344,8 @@ class LatentDiffusion(ZooModule):
     def draw_noise(
         self, batch: dict, latents: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The noise (with the optional offset) and the timesteps a loss evaluation uses, one per latent."""
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
-        if self.hparams.noise_offset:
-            offset = torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents)
-            noise = noise + self.hparams.noise_offset * offset
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (b,), generator=generator).to(latents.device)
-        return noise, timesteps
+        """The noise and the timesteps a loss evaluation uses, one per latent (a hook: tests fix them per sample)."""
+        return self.objective.draw_noise(latents, generator)
 
     def diffusion_loss(
         self,
@@ -331,27 +356,20 @@ class LatentDiffusion(ZooModule):
     ) -> torch.Tensor:
         images = batch["image"]
         latents = self._training_latents(batch) if training else self.encode(images)
-        b = latents.shape[0]
         concat = None
         if self.hparams.inpainting:
-            masks = random_box_masks(b, images.shape[-1], generator, images.device)
+            masks = random_box_masks(latents.shape[0], images.shape[-1], generator, images.device)
             concat = self._concat_inputs(images, masks)
         cond = self.condition(batch, dropout, generator)
         noise, timesteps = self.draw_noise(batch, latents, generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.hparams.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        prediction = self(noisy, timesteps, cond, concat, self.control_image(batch))
+        target = self.objective.target(self.noise_scheduler, latents, noise, timesteps)
+        prediction = self.predict(noisy, timesteps, cond, concat, self.control_image(batch))
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = loss_weights(
-            self.noise_scheduler, timesteps, self.hparams.snr_gamma, self.hparams.prediction_type
-        )
-        return (per_sample * weights).mean()
+        return (per_sample * self.objective.weights(self.noise_scheduler, timesteps)).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch, dropout=self.hparams.condition_dropout, training=True)
+        loss = self.diffusion_loss(batch, dropout=self.conditioning.dropout, training=True)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["image"]))
         return loss
 
@@ -382,26 +400,9 @@ class LatentDiffusion(ZooModule):
             def tile(extra):  # guidance doubles the batch
                 return None if extra is None else extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)
 
-            return self(x, t, cond, tile(concat), tile(control))
+            return self.predict(x, t, cond, tile(concat), tile(control))
 
         return fn
-
-    def _conditions(self, labels, captions, negative_captions, n: int) -> tuple[Conditioning, Conditioning]:
-        kind = self.hparams.conditioning
-        if kind == "class":
-            if labels is None:
-                raise ValueError("a class-conditional model needs labels to sample")
-            cond = self.conditioner(torch.as_tensor(labels, device=self.device))
-            return cond, self.conditioner.null(n, self.device)
-        if kind == "caption":
-            if captions is None:
-                raise ValueError("a caption-conditional model needs captions to sample")
-            negative = negative_captions or [self.hparams.negative_prompt] * n
-            if len(negative) != n:
-                raise ValueError(f"got {len(negative)} negative prompts for {n} captions")
-            return self.conditioner(list(captions)), self.conditioner(list(negative))
-        null = self.conditioner.null(n, self.device)
-        return null, null
 
     @torch.no_grad()
     def generate(
@@ -422,16 +423,18 @@ class LatentDiffusion(ZooModule):
     ) -> torch.Tensor:
         """Images in [-1, 1], one per label / caption (or ``num_samples`` unconditional ones).
 
-        ``init_images`` with ``strength`` < 1 is img2img; ``init_images`` with ``masks`` (1 = fill) is
-        inpainting; ``control_images`` drive a ControlNet. The same arguments and seed give the same images.
+        Unset sampling arguments take the ``sampling`` part's values. ``init_images`` with ``strength`` < 1
+        is img2img; ``init_images`` with ``masks`` (1 = fill) is inpainting; ``control_images`` drive a
+        ControlNet. The same arguments and seed give the same images.
         """
-        hp = self.hparams
+        defaults = self.sampling
         n = len(labels) if labels is not None else len(captions) if captions is not None else num_samples
         if not n:
             raise ValueError("give labels, captions or num_samples")
-        cond, uncond = self._conditions(labels, captions, negative_captions, n)
-        scheduler = build_sampler(sampler or hp.sampler, self.noise_scheduler)
-        generator = torch.Generator().manual_seed(hp.seed if seed is None else seed)
+        negative = negative_captions or [defaults.negative_prompt] * n
+        cond, uncond = self.conditioner.guidance_pair(labels, captions, negative, n, self.device)
+        scheduler = build_sampler(sampler or defaults.sampler, self.noise_scheduler)
+        generator = torch.Generator().manual_seed(defaults.seed if seed is None else seed)
         shape = (n, self.latent_channels, self.latent_size, self.latent_size)
         concat = init_latents = mask_small = known = None
         if init_images is not None:
@@ -443,11 +446,11 @@ class LatentDiffusion(ZooModule):
             masks = masks.to(self.device)
             mask_small = F.interpolate(masks, size=shape[-2:], mode="nearest")
             known = init_latents
-            if hp.inpainting:
+            if self.hparams.inpainting:
                 concat = self._concat_inputs(init_images, masks)
-        if hp.inpainting and concat is None:  # no mask given: the whole image is the hole
-            side = hp.img_size
-            blank = torch.zeros(n, hp.in_channels, side, side, device=self.device)
+        if self.hparams.inpainting and concat is None:  # no mask given: the whole image is the hole
+            side, channels = self.hparams.img_size, self.first_stage.image_channels
+            blank = torch.zeros(n, channels, side, side, device=self.device)
             concat = self._concat_inputs(blank, torch.ones(n, 1, side, side, device=self.device))
         if control_images is not None:
             control_images = control_images.to(self.device)
@@ -455,15 +458,15 @@ class LatentDiffusion(ZooModule):
             self._model_fn(concat, control_images),
             cond,
             uncond,
-            hp.guidance_scale if guidance_scale is None else guidance_scale,
+            defaults.guidance_scale if guidance_scale is None else guidance_scale,
         )
         latents = sample(
             model_fn,
             scheduler,
             shape,
-            num_inference_steps=steps or hp.sampling_steps,
+            num_inference_steps=steps or defaults.steps,
             generator=generator,
-            eta=hp.eta if eta is None else eta,
+            eta=defaults.eta if eta is None else eta,
             device=self.device,
             init_latents=init_latents if masks is None else None,
             strength=strength if masks is None else 1.0,
@@ -475,48 +478,44 @@ class LatentDiffusion(ZooModule):
     def samples_for_batch(self, batch: dict, n: int) -> torch.Tensor:
         """``n`` samples conditioned like the first ``n`` items of a data batch (for logging)."""
         items = {k: v[:n] for k, v in batch.items()}
-        kind = self.hparams.conditioning
         return self.generate(
-            labels=items["label"].tolist() if kind == "class" else None,
-            captions=list(items["caption"]) if kind == "caption" else None,
+            **self.conditioner.prompts(items),
             num_samples=len(items["image"]),
             control_images=self.control_image(items),
         )
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """``samples_per_prompt`` images per prompt of the predict loader: ``{"images": (P, N, C, H, W), ...}``."""
-        n = self.hparams.samples_per_prompt
-        labels = batch["label"].repeat_interleave(n).tolist() if "label" in batch else None
-        captions = [c for c in batch["caption"] for _ in range(n)] if "caption" in batch else None
-        kind = self.hparams.conditioning
-        if kind == "class" and labels is not None and min(labels) < 0:
-            raise ValueError(
-                f"prompts {batch.get('name')} are not class names of this class-conditional model"
-            )
-        images = self.generate(
-            labels=labels if kind == "class" else None,
-            captions=captions if kind == "caption" else None,
-            num_samples=len(labels or captions),
-            seed=self.hparams.seed + batch_idx,
-        )
-        return {
-            "images": images.view(-1, n, *images.shape[1:]),
-            "name": batch.get("name", batch.get("caption")),
-            "index": batch.get("index"),
-        }
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One record per prompt of the predict loader (``zoo predict``; ``RecordPredictionWriter`` writes them).
+
+        Record: ``{"id": the prompt line (class name or caption), "prompt": the caption or class sampled,
+        "seed": int, "grid": PIL image}``; the grid is one row of ``sampling.samples_per_prompt`` samples.
+        Prompt ``i`` of the file is sampled with seed ``sampling.seed + i``, alone, so
+        ``generate(labels=[label] * n, seed=seed)`` (or ``captions=``) redraws its grid exactly.
+        """
+        n = self.sampling.samples_per_prompt
+        asked = self.conditioner.prompts(batch)  # {"labels": [...]}, {"captions": [...]} or {}
+        records = []
+        for i, (name, index) in enumerate(zip(batch["name"], torch.as_tensor(batch["index"]).tolist())):
+            seed = self.sampling.seed + index
+            one = {key: [values[i]] * n for key, values in asked.items()}
+            images = self.generate(**one, num_samples=n, seed=seed)
+            grid = make_grid(to_unit_range(images), nrow=n)
+            prompt = batch["caption"][i] if "captions" in asked else name
+            records.append({"id": name, "prompt": prompt, "seed": seed, "grid": to_pil(grid)})
+        return records
 
     # ----------------------------------------------------------------- LoRA
     def save_lora(self, path: str | Path) -> Path:
         from zoo.diffusion.lora import save_lora_weights
 
-        return save_lora_weights(self.denoiser.model, path)
+        return save_lora_weights(self.model, path)
 
     def load_lora(self, path: str | Path) -> None:
         from zoo.diffusion.lora import load_lora_weights
 
-        load_lora_weights(self.denoiser.model, path)
+        load_lora_weights(self.model, path)
 
     def on_train_end(self) -> None:
-        if self.hparams.lora_rank > 0 and self.trainer.is_global_zero and self.trainer.log_dir:
+        if self.lora is not None and self.trainer.is_global_zero and self.trainer.log_dir:
             path = self.save_lora(Path(self.trainer.log_dir) / "lora.safetensors")
             print(f"zoo: LoRA weights written to {path}", flush=True)

@@ -12,17 +12,54 @@ pipelines' packaging, so it works on any model function, and it adds what the st
 - reproducibility: all noise comes from one ``torch.Generator`` via diffusers' ``randn_tensor``, so
   the same seed, model and scheduler give the same images as diffusers' own pipelines (tested against
   ``DDIMPipeline``).
+
+``SamplingConfig`` is ``LatentDiffusion``'s sampling part: the defaults of ``generate`` and ``zoo predict``.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["guided", "sample"]
+from zoo.diffusion.schedules import SAMPLERS
+
+__all__ = ["SamplingConfig", "guided", "sample"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a model samples unless told otherwise (``generate``'s defaults, and all of ``zoo predict``).
+
+    Args:
+        sampler: ``"ddpm"``, ``"ddim"`` or ``"dpmsolver++"`` (DPM-Solver++ 2M).
+        steps: inference steps.
+        guidance_scale: classifier-free guidance; 1 samples the conditional model alone.
+        eta: DDIM's stochasticity (0 deterministic, 1 DDPM-like).
+        negative_prompt: the unconditional branch's caption (captions only; "" is the null caption).
+        samples_per_prompt: images per prompt in ``zoo predict``, one grid row each.
+        seed: the first prompt's seed; prompt ``i`` of ``zoo predict`` uses ``seed + i``.
+    """
+
+    sampler: str = "dpmsolver++"
+    steps: int = 25
+    guidance_scale: float = 3.0
+    eta: float = 0.0
+    negative_prompt: str = ""
+    samples_per_prompt: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if self.steps < 1 or self.samples_per_prompt < 1:
+            raise ValueError(
+                f"steps and samples_per_prompt must be >= 1, got {self.steps} and {self.samples_per_prompt}"
+            )
+
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -1,20 +1,44 @@
-"""Noise schedules and the training objective's pieces, on diffusers' schedulers.
+"""Noise schedules and the training objective, on diffusers' schedulers.
 
-Training always uses ``DDPMScheduler`` for ``add_noise`` / ``get_velocity`` (the forward process is
+``DiffusionObjective`` is ``LatentDiffusion``'s objective part: the forward process (betas, timesteps,
+zero-terminal SNR), what the denoiser predicts (noise or v), min-SNR-gamma loss weights and the noise
+offset. Training always uses ``DDPMScheduler`` for ``add_noise`` / ``get_velocity`` (the forward process is
 the same for every sampler); sampling schedulers are built *from its config*, so the betas, the
 zero-terminal-SNR rescaling and the prediction type can never disagree between training and sampling.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-__all__ = ["BETA_SCHEDULES", "SAMPLERS", "build_noise_scheduler", "build_sampler", "loss_weights", "snr"]
+__all__ = [
+    "BETA_SCHEDULES",
+    "SAMPLERS",
+    "DiffusionObjective",
+    "build_noise_scheduler",
+    "build_sampler",
+    "loss_weights",
+    "snr",
+]
 
 #: YAML names -> diffusers' ``beta_schedule`` names ("cosine" is Nichol & Dhariwal's, capped).
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+
+
+def _check_schedule(beta_schedule: str, prediction_type: str, rescale_zero_terminal_snr: bool) -> None:
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}, got {beta_schedule!r}")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if rescale_zero_terminal_snr and prediction_type == "epsilon":
+        raise ValueError(
+            "rescale_zero_terminal_snr needs prediction_type 'v_prediction': at zero SNR the noise "
+            "prediction carries no information about the image (Lin et al. 2024)"
+        )
 
 
 def build_noise_scheduler(
@@ -25,15 +49,8 @@ def build_noise_scheduler(
     prediction_type: str = "epsilon",
     rescale_zero_terminal_snr: bool = False,
 ) -> DDPMScheduler:
-    if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}, got {beta_schedule!r}")
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-    if rescale_zero_terminal_snr and prediction_type == "epsilon":
-        raise ValueError(
-            "rescale_zero_terminal_snr needs prediction_type 'v_prediction': at zero SNR the noise "
-            "prediction carries no information about the image (Lin et al. 2024)"
-        )
+    """The training (forward-process) scheduler; every sampler is built from its config."""
+    _check_schedule(beta_schedule, prediction_type, rescale_zero_terminal_snr)
     with torch.device("cpu"):  # the schedule's tables are CPU tensors even under a meta/cuda default device
         return DDPMScheduler(
             num_train_timesteps=num_train_timesteps,
@@ -83,3 +100,64 @@ def loss_weights(
     clipped = values.clamp(max=snr_gamma)
     weights = clipped / (values + 1) if prediction_type == "v_prediction" else clipped / values
     return torch.where(values == 0, torch.ones_like(weights), weights)
+
+
+@dataclass(frozen=True)
+class DiffusionObjective:
+    """What the denoiser learns: the forward process, the prediction target and the loss weighting.
+
+    Args:
+        beta_schedule: ``"linear"``, ``"scaled_linear"`` (Stable Diffusion's) or ``"cosine"``, over
+            ``num_train_timesteps`` from ``beta_start`` to ``beta_end``.
+        prediction_type: ``"epsilon"`` (the noise) or ``"v_prediction"``.
+        rescale_zero_terminal_snr: rescale the betas so the last step is pure noise (needs v-prediction).
+        snr_gamma: min-SNR-gamma loss weights (Hang et al. 2023; 5 in the paper); ``None`` weighs steps equally.
+        noise_offset: std of a per-channel constant added to the noise, so very dark or bright images are
+            reachable (0 to disable).
+    """
+
+    beta_schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    rescale_zero_terminal_snr: bool = False
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_schedule(self.beta_schedule, self.prediction_type, self.rescale_zero_terminal_snr)
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        return build_noise_scheduler(
+            self.beta_schedule,
+            self.num_train_timesteps,
+            self.beta_start,
+            self.beta_end,
+            self.prediction_type,
+            self.rescale_zero_terminal_snr,
+        )
+
+    def draw_noise(
+        self, latents: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise (with the optional offset) and a random timestep for each latent."""
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        if self.noise_offset:
+            offset = torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents)
+            noise = noise + self.noise_offset * offset
+        timesteps = torch.randint(0, self.num_train_timesteps, (b,), generator=generator).to(latents.device)
+        return noise, timesteps
+
+    def target(
+        self, scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """What the denoiser should output for ``latents`` noised with ``noise`` at ``timesteps``."""
+        if self.prediction_type == "v_prediction":
+            return scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def weights(self, scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights (min-SNR-gamma, or ones)."""
+        return loss_weights(scheduler, timesteps, self.snr_gamma, self.prediction_type)
