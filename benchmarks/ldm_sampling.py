@@ -3,7 +3,7 @@
 1. Throughput: ``zoo.diffusion.sampling.sample`` and diffusers' ``DDIMPipeline`` run the *same*
    ``UNet2DModel`` and ``DDIMScheduler`` from the same seed; the runs alternate (ours, theirs, ours...)
    so drift on a shared machine hits both alike, and the outputs are checked to be equal. The figure is
-   images/s of ours over theirs (the issue asks for >= 0.95).
+   images/s of ours over theirs (the target is >= 0.95).
 2. Conditional accuracy (with ``--ldm`` and ``--classifier`` checkpoints): the share of samples a vision
    classifier recognises as the requested class, DPM-Solver++ 20 steps vs DDIM 50 steps, same seed and
    guidance (``zoo.diffusion.evaluation``).

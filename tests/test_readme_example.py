@@ -35,6 +35,6 @@ def test_the_readme_example_trains_and_predicts(tmp_path, monkeypatch, single_th
     assert float(cli.trainer.callback_metrics["val/acc"]) > 0.9
     checkpoint = tmp_path / "runs/lightning_logs/version_0/checkpoints/last.ckpt"
     ZooCLI(args=["predict", "--config", "blobs.yaml", f"--ckpt_path={checkpoint}", *QUIET])
-    (folder,) = tmp_path.glob("runs/lightning_logs/version_*/predictions")
+    (folder,) = tmp_path.glob("runs/lightning_logs/version_0/predict/version_*/predictions")
     records = load_records(folder)
     assert len(records) == 256 and {"id", "class", "probability"} <= set(records[0])

@@ -33,7 +33,7 @@ from torchmetrics import Metric, MetricCollection
 from zoo.errors import ZooError
 from zoo.optim import WarmupCosineLR, apply_lr_scales, weight_decay_groups
 
-__all__ = ["DEFAULT_GROUP", "IGNORE_INDEX", "STAGES", "ZooModule", "rename_keys"]
+__all__ = ["DEFAULT_GROUP", "IGNORE_INDEX", "STAGES", "ZooModule", "rename_callback_states", "rename_keys"]
 
 STAGES = ("train", "val", "test")
 #: Label value the zoo's losses and metrics skip (PyTorch's ``cross_entropy`` default).
@@ -220,6 +220,11 @@ class ZooModule(LightningModule):
             upgraded["hyper_parameters"] = cls.upgrade_hyperparameters(dict(upgraded["hyper_parameters"]))
         if "state_dict" in upgraded:
             upgraded["state_dict"] = rename_keys(upgraded["state_dict"], cls.state_dict_renames)
+        if "callbacks" in upgraded:  # copied one level deep: names are replaced, tensors shared
+            upgraded["callbacks"] = {
+                k: dict(v) if isinstance(v, dict) else v for k, v in upgraded["callbacks"].items()
+            }
+            rename_callback_states(upgraded, cls.state_dict_renames)
         return upgraded
 
     @classmethod
@@ -246,6 +251,7 @@ class ZooModule(LightningModule):
         """
         if "state_dict" in checkpoint:
             checkpoint["state_dict"] = rename_keys(checkpoint["state_dict"], self.state_dict_renames)
+            rename_callback_states(checkpoint, self.state_dict_renames)
         if self._trainer is None or not self.strict_loading or "state_dict" not in checkpoint:
             return
         from zoo.checkpointing import check_checkpoint_matches
@@ -296,3 +302,11 @@ def rename_keys(state: dict[str, Any], renames: Iterable[tuple[str, str]]) -> di
                 break
         out[key] = value
     return out
+
+
+def rename_callback_states(checkpoint: dict[str, Any], renames: Iterable[tuple[str, str]]) -> None:
+    """Rename, in place, the parameter names ``zoo.callbacks.EMA`` keeps in a checkpoint's callback states."""
+    renames = tuple(renames)
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if renames and str(key).startswith("EMA") and isinstance(state, dict) and "names" in state:
+            state["names"] = list(rename_keys(dict.fromkeys(state["names"]), renames))

@@ -54,6 +54,8 @@ def prepare_arguments(args: Sequence[str]) -> list[str]:
     expanded = expand_overlays(resolved)
     configs = [expanded[i + 1] for i, arg in enumerate(expanded[:-1]) if arg == "--config"]
     import_named_classes(expanded, configs)
+    if len(expanded) > len(resolved):  # bases were read: a printed or saved config is complete without them
+        expanded.append(f"--{OVERLAY_KEY}=null")
     return expanded
 
 

@@ -281,7 +281,15 @@ CLASS_MODULES: dict[str, str] = {
     **dict.fromkeys(["BEVFormerDetector"], "zoo.bev"),
     **dict.fromkeys(["BEVDetectionDataModule"], "zoo.datamodules.bev"),
     **dict.fromkeys(
-        ["LatentDiffusion", "Autoencoder", "ControlNetDiffusion", "SampleGridLogger", "SampleGridWriter"],
+        [
+            "LatentDiffusion",
+            "Autoencoder",
+            "ControlNetDiffusion",
+            "SampleGridLogger",
+            "ClassConditioning",
+            "CaptionConditioning",
+            "NoConditioning",
+        ],
         "zoo.diffusion",
     ),
     **dict.fromkeys(["CaptionedImageDataModule"], "zoo.datamodules.captioned_images"),

@@ -194,10 +194,11 @@ def build_model(family: str, fixed_masks: bool):
         ), TaskSet  # fmt: skip
     if family == "ldm":
         from tests.diffusion.conftest import TINY_AE, TINY_UNET
+        from zoo.diffusion import ClassConditioning
 
         return FixedNoiseLDM(
-            autoencoder=dict(TINY_AE), scale_factor=1.0, img_size=16, denoiser_config=dict(TINY_UNET),
-            num_classes=12, context_dim=16, condition_dropout=0.0, optimizer=optimizer, lr_scheduler=scheduler,
+            autoencoder=dict(TINY_AE), scale_factor=1.0, img_size=16, model_kwargs=dict(TINY_UNET), num_classes=12,
+            conditioning=ClassConditioning(dim=16, dropout=0.0), optimizer=optimizer, lr_scheduler=scheduler,
         ), NoisedImageSet  # fmt: skip
     cls = FixedMaskESM2 if fixed_masks else ESM2MaskedLM
     architecture = {"num_layers": 2, "embed_dim": 32, "attention_heads": 4}

@@ -26,7 +26,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from zoo.base import ZooModule
-from zoo.diffusion.checkpoints import UpgradesCheckpoints
+from zoo.diffusion.checkpoints import upgrade_autoencoder_arguments
 from zoo.diffusion.images import log_image_grid, make_grid, to_pil, to_unit_range
 from zoo.diffusion.losses import (
     AutoencoderLoss,
@@ -42,7 +42,7 @@ from zoo.diffusion.parts import plain_part, resolve_part
 __all__ = ["Autoencoder"]
 
 
-class Autoencoder(UpgradesCheckpoints, ZooModule):
+class Autoencoder(ZooModule):
     """KL- or VQ-regularised autoencoder with L1 (+ LPIPS) reconstruction and a PatchGAN.
 
     Args:
@@ -64,14 +64,19 @@ class Autoencoder(UpgradesCheckpoints, ZooModule):
     hparams_ignore = ("disc_optimizer",)
     state_dict_renames = (("first_stage.", "model."),)
 
+    @classmethod
+    def upgrade_hyperparameters(cls, hparams: dict) -> dict:
+        """The flat arguments of earlier versions, grouped into today's parts."""
+        return super().upgrade_hyperparameters(upgrade_autoencoder_arguments(hparams))
+
     def __init__(
         self,
         model_name: str = "kl",
         model_kwargs: dict | None = None,
         img_size: int = 32,
         # parts are frozen dataclasses: their instances are safe (immutable) defaults
-        loss: AutoencoderLoss = AutoencoderLoss(),  # noqa: B008
-        discriminator: DiscriminatorConfig = DiscriminatorConfig(),  # noqa: B008
+        loss: AutoencoderLoss = AutoencoderLoss(),
+        discriminator: DiscriminatorConfig = DiscriminatorConfig(),
         num_logged_images: int = 8,
         channels_last: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,

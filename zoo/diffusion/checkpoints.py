@@ -8,28 +8,16 @@ parts (``model_name`` / ``model_kwargs``, ``conditioning``, ``objective``, ``sam
 ``discriminator``), state-dict keys renamed, and the EMA callback's parameter names with them. A current
 checkpoint passes through unchanged.
 
-The modules apply it themselves (``UpgradesCheckpoints``): ``load_from_checkpoint`` upgrades an earlier file
-in memory, and a trainer resuming or evaluating one (``--ckpt_path``) renames its weights and EMA names. The
-``zoo`` command parses a checkpoint's hyper-parameters into its config before either, so for
-``zoo fit/validate/test/predict --ckpt_path`` convert the file once:
-
-    python -m zoo.diffusion.checkpoints old.ckpt new.ckpt
+The modules apply it through ``ZooModule``'s upgrade hooks: ``load_from_checkpoint`` and ``zoo
+fit/validate/test/predict --ckpt_path`` read an earlier file as it is (weights and EMA names renamed), and
+``zoo upgrade-checkpoint old.ckpt new.ckpt`` rewrites one.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import io
-import os
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import torch
-
-from zoo.base import rename_keys
-
-__all__ = ["UpgradesCheckpoints", "is_current", "rename_callback_states", "upgrade_checkpoint"]
+__all__ = ["upgrade_autoencoder_arguments", "upgrade_checkpoint", "upgrade_latent_diffusion_arguments"]
 
 #: Hyper-parameters only the earlier flat modules had.
 _LDM_MARKERS = ("denoiser", "denoiser_config", "context_dim", "condition_dropout", "beta_schedule", "sampler")
@@ -148,79 +136,24 @@ def _upgrade_autoencoder(old: dict) -> dict:
     return new
 
 
-def _renamed(name: str, renames: tuple[tuple[str, str], ...]) -> str:
-    for old, new in renames:
-        if name.startswith(old):
-            return new + name[len(old) :]
-    return name
+def upgrade_latent_diffusion_arguments(hparams: dict) -> dict:
+    """Hyper-parameters of an earlier ``LatentDiffusion`` / ``ControlNetDiffusion`` in today's parts; current
+    ones come back unchanged."""
+    return _upgrade_latent_diffusion(hparams) if _old_kind(hparams) == "latent_diffusion" else hparams
 
 
-def rename_callback_states(checkpoint: dict, renames: tuple[tuple[str, str], ...]) -> None:
-    """Rename, in place, the parameter names ``zoo.callbacks.EMA`` keeps in a checkpoint's callback states."""
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if str(key).startswith("EMA") and isinstance(state, dict) and "names" in state:
-            state["names"] = [_renamed(name, renames) for name in state["names"]]
+def upgrade_autoencoder_arguments(hparams: dict) -> dict:
+    """Hyper-parameters of an earlier ``Autoencoder`` in today's parts; current ones come back unchanged."""
+    return _upgrade_autoencoder(hparams) if _old_kind(hparams) == "autoencoder" else hparams
 
 
 def upgrade_checkpoint(old: dict) -> dict:
-    """A copy of a diffusion checkpoint with today's hyper-parameters and state-dict keys (see module docstring)."""
+    """A diffusion checkpoint of either module, of either layout, in today's form (for code that reads a file
+    before it knows which module wrote it, e.g. a stage-1 autoencoder given to ``LatentDiffusion``)."""
     from zoo.diffusion.autoencoder import Autoencoder
     from zoo.diffusion.module import LatentDiffusion
 
     kind = _old_kind(old.get("hyper_parameters") or {})
     if kind is None:
         return old
-    checkpoint = copy.copy(old)
-    upgrade, renames = {
-        "latent_diffusion": (_upgrade_latent_diffusion, LatentDiffusion.state_dict_renames),
-        "autoencoder": (_upgrade_autoencoder, Autoencoder.state_dict_renames),
-    }[kind]
-    checkpoint["hyper_parameters"] = upgrade(old["hyper_parameters"])
-    if "state_dict" in old:
-        checkpoint["state_dict"] = rename_keys(old["state_dict"], renames)
-    if "callbacks" in old:  # the states copied one level deep: their names are replaced, tensors shared
-        checkpoint["callbacks"] = {
-            k: dict(v) if isinstance(v, dict) else v for k, v in old["callbacks"].items()
-        }
-        rename_callback_states(checkpoint, renames)
-    return checkpoint
-
-
-class UpgradesCheckpoints:
-    """Mixin of the diffusion modules (before ``ZooModule`` in the bases): earlier checkpoints load as today's."""
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | Path | IO, *args: Any, **kwargs: Any):
-        """Lightning's loader; a file of the earlier layout is upgraded in memory first."""
-        if isinstance(checkpoint_path, (str, Path)):
-            # memory-mapped: only the hyper-parameters are read to tell the layout
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-            if not is_current(checkpoint):
-                buffer = io.BytesIO()
-                torch.save(upgrade_checkpoint(checkpoint), buffer)
-                buffer.seek(0)
-                checkpoint_path = buffer
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """The EMA callback's names renamed like the weights (``ZooModule`` renames the state dict)."""
-        rename_callback_states(checkpoint, self.state_dict_renames)
-        super().on_load_checkpoint(checkpoint)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert an earlier diffusion checkpoint to today's format.")
-    parser.add_argument("source", type=Path)
-    parser.add_argument("target", type=Path)
-    args = parser.parse_args(argv)
-    if args.source.resolve() == args.target.resolve():
-        raise SystemExit("refusing to overwrite the source checkpoint")
-    checkpoint = upgrade_checkpoint(torch.load(args.source, map_location="cpu", weights_only=True))
-    tmp = args.target.with_name(f".{args.target.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, args.target)
-    print(f"zoo: {args.source} -> {args.target}", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    return (LatentDiffusion if kind == "latent_diffusion" else Autoencoder).upgrade_checkpoint(old)

@@ -83,7 +83,7 @@ def conditional_accuracy(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="zoo evaluate-diffusion", description=__doc__.splitlines()[0])
     parser.add_argument("--ldm", required=True, help="LatentDiffusion checkpoint")
     parser.add_argument("--classifier", required=True, help="zoo.vision ImageClassifier checkpoint")
     parser.add_argument("--sampler", default="dpmsolver++")

@@ -32,7 +32,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
 from zoo.base import ZooModule, rename_keys
-from zoo.diffusion.checkpoints import UpgradesCheckpoints
+from zoo.diffusion.checkpoints import upgrade_latent_diffusion_arguments
 from zoo.diffusion.conditioning import ClassConditioning, Conditioning, ConditioningConfig
 from zoo.diffusion.images import make_grid, to_pil, to_unit_range
 from zoo.diffusion.lora import LoRAConfig
@@ -67,7 +67,7 @@ def random_box_masks(
     return masks.to(device)
 
 
-class LatentDiffusion(UpgradesCheckpoints, ZooModule):
+class LatentDiffusion(ZooModule):
     """Latent diffusion with a UNet or DiT denoiser; see the module docstring for the parts.
 
     Args:
@@ -102,6 +102,11 @@ class LatentDiffusion(UpgradesCheckpoints, ZooModule):
         "lora": LoRAConfig,
     }
 
+    @classmethod
+    def upgrade_hyperparameters(cls, hparams: dict) -> dict:
+        """The flat arguments of earlier versions, grouped into today's parts."""
+        return super().upgrade_hyperparameters(upgrade_latent_diffusion_arguments(hparams))
+
     def __init__(
         self,
         autoencoder: str | dict | None = None,
@@ -111,11 +116,11 @@ class LatentDiffusion(UpgradesCheckpoints, ZooModule):
         model_name: str = "unet",
         model_kwargs: dict | None = None,
         # parts are frozen dataclasses: their instances are safe (immutable) defaults
-        conditioning: ConditioningConfig = ClassConditioning(),  # noqa: B008
+        conditioning: ConditioningConfig = ClassConditioning(),
         num_classes: int = 0,
         caption_vocabulary: list[str] | None = None,
-        objective: DiffusionObjective = DiffusionObjective(),  # noqa: B008
-        sampling: SamplingConfig = SamplingConfig(),  # noqa: B008
+        objective: DiffusionObjective = DiffusionObjective(),
+        sampling: SamplingConfig = SamplingConfig(),
         lora: LoRAConfig | None = None,
         base_checkpoint: str | None = None,
         inpainting: bool = False,
