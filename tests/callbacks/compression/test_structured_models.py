@@ -26,7 +26,9 @@ LAYERS, HEADS, HEAD_DIM = 2, 4, 8
 
 def tiny_esm(seed: int = 0) -> ESM2MaskedLM:
     torch.manual_seed(seed)
-    return ESM2MaskedLM(model_kwargs={"num_layers": LAYERS, "embed_dim": HEADS * HEAD_DIM, "attention_heads": HEADS}).eval()
+    return ESM2MaskedLM(
+        model_kwargs={"num_layers": LAYERS, "embed_dim": HEADS * HEAD_DIM, "attention_heads": HEADS}
+    ).eval()
 
 
 def _zero(*tensors: torch.Tensor) -> None:
