@@ -15,7 +15,7 @@ IMPORTS = (
     "from zoo.datamodules import ImageClassificationDataModule;"
     "assert importlib.util.find_spec('datamodules') is None, 'top-level datamodules installed';"
     "assert importlib.util.find_spec('callbacks') is None, 'top-level callbacks installed';"
-    "print(zoo.__file__); print(zoo.datamodules.__file__); print(zoo.list_models(False)[0].config_path)"
+    "print(zoo.__file__); print(zoo.datamodules.__file__); print(zoo.list_models()[0].config_path)"
 )
 
 
@@ -46,6 +46,14 @@ def test_regular_install_ships_only_the_zoo_namespace(tmp_path):
     outside.mkdir()
     zoo_file, datamodules_file, config = _python(IMPORTS, outside, PYTHONPATH=str(target))
     assert all(Path(p).is_relative_to(target) for p in (zoo_file, datamodules_file, config))
+    # another project's empty folder: the shipped config is found by its model name and trains
+    fit = subprocess.run(
+        [sys.executable, "-m", "zoo", "fit", "--config", "deit_tiny", "--trainer.fast_dev_run=true"],
+        capture_output=True, text=True, cwd=outside, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "zoo: fit done in" in fit.stdout
 
 
 def test_editable_install_maps_the_same_namespace(tmp_path):
