@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zoo.protein import ESM2MaskedLM, ESM2SequencePredictor
-from zoo.protein.checkpoints import upgrade_size_arguments
+from zoo.protein.checkpoints import upgrade_lora_arguments, upgrade_size_arguments
 
 TINY = {"num_layers": 2, "embed_dim": 32, "attention_heads": 2}
 #: the architecture hyper-parameters as earlier versions saved them, for the same tiny model
@@ -63,6 +63,22 @@ def test_hyperparameters_keep_their_order_and_unset_overrides_are_dropped():
     ]
     current = {"model_name": "esm2_t6_8M", "model_kwargs": None, "mask_prob": 0.15}
     assert upgrade_size_arguments(current) == current
+
+
+def test_flat_lora_arguments_become_one_lora_part():
+    old = {
+        "model_name": "esm2_t6_8M",
+        "lora_rank": 4,
+        "lora_alpha": 8.0,
+        "lora_dropout": 0.1,
+        "head_dropout": 0.1,
+    }
+    assert list(upgrade_lora_arguments(old).items()) == [
+        ("model_name", "esm2_t6_8M"),
+        ("lora", {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": None}),
+        ("head_dropout", 0.1),
+    ]
+    assert upgrade_lora_arguments({"lora_rank": 0, "lora_alpha": 16.0})["lora"] is None
 
 
 def test_zoo_upgrade_checkpoint_rewrites_an_old_checkpoint(tmp_path, make_trainer, capsys):

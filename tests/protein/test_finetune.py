@@ -8,6 +8,7 @@ from lightning.pytorch import Trainer
 
 from tests.protein.helpers import randomize
 from zoo.datamodules.protein_labels import ProteinLabelDataModule, read_labeled_proteins
+from zoo.lora import LoRAConfig
 from zoo.protein import ESM2, ESM2ResiduePredictor, ESM2SequencePredictor
 from zoo.protein.properties import gravy, is_membrane_protein, transmembrane_residues
 
@@ -193,7 +194,7 @@ def test_unknown_class_and_task_mismatch(tmp_path):
 def test_lora_trains_only_adapters_and_merges_back(tmp_path):
     source = randomize(ESM2(**TINY), seed=2)
     path = source.save_pretrained(tmp_path / "backbone.pt")
-    model = ESM2SequencePredictor(pretrained=str(path), lora_rank=4, lora_alpha=8.0, head_dropout=0.0)
+    model = ESM2SequencePredictor(pretrained=str(path), lora=LoRAConfig(rank=4, alpha=8.0), head_dropout=0.0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
     assert {n.split(".")[-4] for n in trainable if "lora_" in n} == {"q_proj", "k_proj", "v_proj", "out_proj"}
@@ -222,4 +223,4 @@ def test_frozen_backbone_trains_only_the_head():
     assert trainable == {"embed_tokens", "layers"}
     assert not any(p.requires_grad for p in partial.model.layers[1].parameters())
     with pytest.raises(ValueError, match="already freezes"):
-        ESM2SequencePredictor(freeze_backbone=True, lora_rank=4, model_kwargs=TINY)
+        ESM2SequencePredictor(freeze_backbone=True, lora=LoRAConfig(rank=4), model_kwargs=TINY)

@@ -17,7 +17,6 @@ from zoo.diffusion.conditioning import (
     NoConditioning,
 )
 from zoo.diffusion.controlnet import ControlNetDiffusion
-from zoo.diffusion.lora import LoRAConfig
 from zoo.diffusion.losses import AutoencoderLoss, DiscriminatorConfig
 from zoo.diffusion.model import (
     Denoiser,
@@ -31,6 +30,7 @@ from zoo.diffusion.model import (
 from zoo.diffusion.module import LatentDiffusion
 from zoo.diffusion.sampling import SamplingConfig, guided, sample
 from zoo.diffusion.schedules import DiffusionObjective
+from zoo.lora import LoRAConfig
 
 __all__ = [
     "Autoencoder",

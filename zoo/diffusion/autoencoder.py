@@ -37,7 +37,7 @@ from zoo.diffusion.losses import (
     hinge_generator_loss,
 )
 from zoo.diffusion.model import AUTOENCODERS, FirstStage, build_autoencoder
-from zoo.diffusion.parts import plain_part, resolve_part
+from zoo.parts import plain_part, resolve_part
 
 __all__ = ["Autoencoder"]
 

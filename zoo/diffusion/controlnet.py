@@ -20,7 +20,7 @@ from diffusers import ControlNetModel
 from zoo.diffusion.images import edge_map
 from zoo.diffusion.model import denoise
 from zoo.diffusion.module import LatentDiffusion
-from zoo.diffusion.parts import plain_part
+from zoo.parts import plain_part
 
 __all__ = ["ControlNetDiffusion"]
 

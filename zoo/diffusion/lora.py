@@ -1,7 +1,7 @@
 """LoRA on the denoiser's attention projections (peft), kept apart from the base weights.
 
-``LoRAConfig`` says what an adapter is (rank, scale, dropout, which layers) independently of the model
-family; ``to_peft`` turns it into peft's ``LoraConfig`` with the family's default layers. diffusers models
+``zoo.lora.LoRAConfig`` says what an adapter is (rank, scale, dropout, which layers), for every family; its
+``to_peft`` gives peft's ``LoraConfig`` with the denoiser's default layers. diffusers models
 carry peft's adapter API (``add_adapter``); this module adds the two things a fine-tuning run needs around
 it: which layers get adapters by default (the attention q/k/v/out projections, as diffusers' LoRA
 script), and a small ``safetensors`` file holding only the adapter weights (kB to MB, not the whole
@@ -10,15 +10,15 @@ model) that can be loaded onto any copy of the same base model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from zoo.lora import LoRAConfig
+
 __all__ = [
     "DEFAULT_TARGETS",
-    "LoRAConfig",
     "add_lora",
     "load_lora_weights",
     "lora_state_dict",
@@ -27,40 +27,6 @@ __all__ = [
 
 #: The denoiser's attention projections (diffusers' names).
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """A LoRA adapter: ``W + (alpha / rank) * B A`` on every module named in ``targets``.
-
-    Args:
-        rank: inner dimension of the update (>= 1).
-        alpha: scale numerator; ``None`` uses ``rank`` (a scale of 1).
-        dropout: dropout on the adapter's input.
-        targets: module names (or name suffixes) to adapt; ``None`` uses the model family's default
-            (for the denoiser: its attention projections, ``DEFAULT_TARGETS``).
-    """
-
-    rank: int = 8
-    alpha: float | None = None
-    dropout: float = 0.0
-    targets: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-
-    def to_peft(self, default_targets: tuple[str, ...] | list[str], **options):
-        """peft's ``LoraConfig`` for this adapter (``options``: further ``LoraConfig`` arguments)."""
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha if self.alpha is not None else self.rank,
-            lora_dropout=self.dropout,
-            target_modules=list(self.targets or default_targets),
-            **options,
-        )
 
 
 def add_lora(model: nn.Module, config: LoRAConfig) -> None:

@@ -14,7 +14,7 @@ The module is assembled from parts, each one constructor argument that YAML swap
   min-SNR-gamma, noise offset; ``zoo.diffusion.schedules``);
 - the sampling defaults: ``SamplingConfig`` (DDPM / DDIM / DPM-Solver++, steps, guidance, negative prompt;
   the one loop in ``zoo.diffusion.sampling`` also does img2img and inpainting);
-- LoRA: ``LoRAConfig`` or ``None`` (``zoo.diffusion.lora``).
+- LoRA: ``LoRAConfig`` or ``None`` (``zoo.lora``).
 
 Optional spatial conditioning by concatenation (inpainting: a mask and the masked image's latents),
 gradient checkpointing and a latent cache are flags. EMA is the ``zoo.callbacks.EMA`` callback; mixed
@@ -35,7 +35,6 @@ from zoo.base import ZooModule, rename_keys
 from zoo.diffusion.checkpoints import upgrade_latent_diffusion_arguments
 from zoo.diffusion.conditioning import ClassConditioning, Conditioning, ConditioningConfig
 from zoo.diffusion.images import make_grid, to_pil, to_unit_range
-from zoo.diffusion.lora import LoRAConfig
 from zoo.diffusion.model import (
     DENOISERS,
     IdentityFirstStage,
@@ -44,11 +43,12 @@ from zoo.diffusion.model import (
     load_first_stage,
     sharding_block_types,
 )
-from zoo.diffusion.parts import plain_part, resolve_part
 from zoo.diffusion.sampling import SamplingConfig, guided, sample
 from zoo.diffusion.scale import latent_scale_factor
 from zoo.diffusion.schedules import DiffusionObjective, build_sampler
+from zoo.lora import LoRAConfig
 from zoo.optim import WarmupCosineLR
+from zoo.parts import plain_part, resolve_part
 
 __all__ = ["LatentDiffusion", "random_box_masks"]
 
@@ -94,7 +94,7 @@ class LatentDiffusion(ZooModule):
 
     replicated_modules = ("first_stage",)  # frozen, and encode/decode run outside forward
     state_dict_renames = (("denoiser.model.", "model."),)
-    #: The constructor arguments that are parts, and the class each resolves to (``zoo.diffusion.parts``).
+    #: The constructor arguments that are parts, and the class each resolves to (``zoo.parts``).
     parts: ClassVar[dict[str, type]] = {
         "conditioning": ConditioningConfig,
         "objective": DiffusionObjective,

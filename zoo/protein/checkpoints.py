@@ -13,7 +13,7 @@ from typing import Any
 
 from zoo.protein.model import preset_name
 
-__all__ = ["OldSizeArguments", "upgrade_size_arguments"]
+__all__ = ["OldSizeArguments", "upgrade_lora_arguments", "upgrade_size_arguments"]
 
 #: the hyper-parameters that overrode the size preset field by field
 ARCHITECTURE_OVERRIDES = ("num_layers", "embed_dim", "attention_heads")
@@ -35,9 +35,37 @@ def upgrade_size_arguments(hparams: Mapping[str, Any]) -> dict[str, Any]:
     return upgraded
 
 
+#: the fine-tuners' LoRA arguments before ``lora: LoRAConfig`` (and their defaults then)
+OLD_LORA_ARGUMENTS = {"lora_rank": 0, "lora_alpha": 16.0, "lora_dropout": 0.0}
+
+
+def upgrade_lora_arguments(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """``lora_rank`` / ``lora_alpha`` / ``lora_dropout`` -> ``lora`` (a ``LoRAConfig``'s fields, ``None`` for rank
+    0), in the place of ``lora_rank``. Current hyper-parameters come back unchanged."""
+    if "lora_rank" not in hparams:
+        return dict(hparams)
+    old = {key: hparams.get(key, default) for key, default in OLD_LORA_ARGUMENTS.items()}
+    lora = None
+    if old["lora_rank"]:
+        lora = {
+            "rank": old["lora_rank"],
+            "alpha": old["lora_alpha"],
+            "dropout": old["lora_dropout"],
+            "targets": None,
+        }
+    upgraded: dict[str, Any] = {}
+    for key, value in hparams.items():
+        if key == "lora_rank":
+            upgraded["lora"] = lora
+        elif key not in OLD_LORA_ARGUMENTS:
+            upgraded[key] = value
+    return upgraded
+
+
 class OldSizeArguments:
-    """Mixin of the protein modules: checkpoints written with ``size`` load (``ZooModule`` calls this hook)."""
+    """Mixin of the protein modules: checkpoints written with ``size`` (and the fine-tuners' flat LoRA
+    arguments) load (``ZooModule`` calls this hook)."""
 
     @classmethod
     def upgrade_hyperparameters(cls, hparams: dict) -> dict:
-        return upgrade_size_arguments(hparams)
+        return upgrade_lora_arguments(upgrade_size_arguments(hparams))

@@ -3,7 +3,7 @@
 The backbone is any ``ESM2`` (a local fair-esm/HF checkpoint via ``pretrained``, or a published
 preset ``model_name`` with ``model_kwargs`` overrides, from scratch). It can be trained in full, frozen
 (``freeze_backbone``: only the head learns, the usual "embeddings + probe" baseline) or adapted with LoRA
-through peft (``lora_rank > 0``): low-rank updates on the attention ``q_proj``/``k_proj``/``v_proj``/
+through peft (``lora: {rank: 8}``): low-rank updates on the attention ``q_proj``/``k_proj``/``v_proj``/
 ``out_proj`` projections, the rest of the backbone frozen. ``merged_backbone()`` folds the LoRA updates
 back into a plain ``ESM2`` that ``save_pretrained`` writes as a fair-esm file.
 
@@ -33,7 +33,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.regression import MeanSquaredError, PearsonCorrCoef, SpearmanCorrCoef
 
 from zoo.base import IGNORE_INDEX, ZooModule
+from zoo.errors import ZooError
+from zoo.lora import LoRAConfig
 from zoo.optim import WarmupCosineLR
+from zoo.parts import plain_part, resolve_part
 from zoo.protein.backbone import build_esm2, example_tokens, mean_over_residues, residue_lengths
 from zoo.protein.checkpoints import OldSizeArguments
 from zoo.protein.model import ESM2, ESM2Layer
@@ -70,8 +73,8 @@ class ESM2Finetuner(OldSizeArguments, ZooModule):
             architecture wins).
         representation_layer: the backbone layer the head reads (-1: the last, after its LayerNorm).
         freeze_backbone: train only the head.
-        lora_rank: > 0 adds LoRA adapters of this rank (peft) and freezes the rest of the backbone.
-        lora_alpha / lora_dropout: LoRA scaling (``alpha / rank``) and dropout on the adapter input.
+        lora: a ``zoo.lora.LoRAConfig`` (``lora: {rank: 8, alpha: 16}`` in YAML) adds LoRA adapters (peft) on the
+            attention projections and freezes the rest of the backbone; ``None`` trains the backbone.
         head_dropout: dropout before each layer of the head.
     """
 
@@ -86,18 +89,15 @@ class ESM2Finetuner(OldSizeArguments, ZooModule):
         pretrained: str | None = None,
         representation_layer: int = -1,
         freeze_backbone: bool = False,
-        lora_rank: int = 0,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.0,
+        lora: LoRAConfig | None = None,
         head_dropout: float = 0.1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
-        if lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
-        if lora_rank and freeze_backbone:
-            raise ValueError(
-                "lora_rank > 0 already freezes the backbone; freeze_backbone=True leaves no adapter to train"
+        lora = plain_part(lora, LoRAConfig)  # saved as plain data: checkpoints load with weights_only
+        if lora is not None and freeze_backbone:
+            raise ZooError(
+                "a LoRA adapter already freezes the backbone; freeze_backbone=True leaves none to train"
             )
         # the base saves this class's arguments and the subclass's (task, num_classes...) from the call frames
         super().__init__(optimizer, lr_scheduler)
@@ -121,18 +121,11 @@ class ESM2Finetuner(OldSizeArguments, ZooModule):
             self.model.emb_layer_norm_after.requires_grad_(False)
         if hp.freeze_backbone:
             self.model.requires_grad_(False)
-        if hp.lora_rank:
-            self._add_lora(hp.lora_rank, hp.lora_alpha, hp.lora_dropout)
+        if hp.lora is not None:
+            from peft import inject_adapter_in_model
 
-    def _add_lora(self, rank: int, alpha: float, dropout: float) -> None:
-        try:
-            import peft
-        except ImportError as error:
-            raise ImportError("LoRA needs peft: pip install peft") from error
-        config = peft.LoraConfig(
-            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS)
-        )
-        peft.inject_adapter_in_model(config, self.model)  # freezes everything but the adapters
+            config = resolve_part(hp.lora, LoRAConfig).to_peft(LORA_TARGETS)
+            inject_adapter_in_model(config, self.model)  # freezes everything but the adapters
 
     def example_inputs(self, batch_size: int = 2) -> tuple[torch.Tensor]:
         return (example_tokens(self.alphabet, batch_size, self.device),)

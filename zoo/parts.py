@@ -1,7 +1,7 @@
-"""Swappable parts of the diffusion modules: small frozen dataclasses given as constructor arguments.
+"""Swappable parts of a module: small frozen dataclasses given as constructor arguments.
 
-A part (the objective, the conditioning, the sampling defaults, LoRA, the autoencoder's loss...) is one
-argument of ``LatentDiffusion`` / ``Autoencoder`` that YAML sets as a group (``objective: {snr_gamma: 5.0}``)
+A part (a LoRA adapter, and in latent diffusion the objective, the conditioning, the sampling defaults, the
+autoencoder's loss...) is one argument of a LightningModule that YAML sets as a group (``objective: {snr_gamma: 5.0}``)
 or, where a part has several kinds under an abstract base, chooses by class (``conditioning: {class_path:
 CaptionConditioning}``). The same argument reaches the module in three forms: the dataclass itself (Python,
 or jsonargparse), its fields as a dict (a checkpoint's hyper-parameters, a config dump), or
