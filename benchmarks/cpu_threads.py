@@ -1,9 +1,9 @@
 """Training speed of the default job under three CPU thread settings, on a quiet machine and next to one busy
 process: PyTorch's default (one thread per core), one thread, and the zoo's default (``zoo.threads``: the cores
-the load average leaves free). Each setting runs in a fresh process (threads are fixed at start); the competitor
+other processes leave free). Each setting runs in a fresh process (threads are fixed at start); the competitor
 is another PyTorch process multiplying matrices on every core, as a second training job would.
 
-    python benchmarks/cpu_threads.py [--steps 12] [--warmup-seconds 70]
+    python benchmarks/cpu_threads.py [--steps 12] [--rounds 3] [--warmup-seconds 5]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -69,20 +70,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument(
-        "--warmup-seconds", type=float, default=70.0, help="competitor alone before measuring"
+        "--rounds", type=int, default=3, help="settings alternate; the median of the rounds counts"
     )
+    parser.add_argument("--warmup-seconds", type=float, default=5.0, help="competitor alone before measuring")
     args = parser.parse_args()
     rows = []
     for condition in ("quiet", "one busy process"):
         competitor = None
         if condition != "quiet":
             competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR])
-            time.sleep(args.warmup_seconds)  # let the 1-minute load average see it, as it would a real job
+            time.sleep(args.warmup_seconds)  # a job already running, as a real competitor would be
         try:
+            rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
+            threads: dict[str, int] = {}
+            for _ in range(args.rounds):
+                for name in SETTINGS:
+                    threads[name], rate = run_setting(name, args.steps)
+                    rates[name].append(rate)
             for name in SETTINGS:
-                threads, rate = run_setting(name, args.steps)
-                rows.append({"condition": condition, "setting": name, "threads": threads, "it/s": rate})
-                print(f"{condition:<17} {name:<14} {threads} threads  {rate:6.2f} it/s", flush=True)
+                median = statistics.median(rates[name])
+                rows.append({"condition": condition, "setting": name, "threads": threads[name], "it/s": median,
+                             "rounds": rates[name]})  # fmt: skip
+                print(f"{condition:<17} {name:<14} {threads[name]} threads  {median:6.2f} it/s "
+                      f"(rounds: {', '.join(f'{r:.2f}' for r in rates[name])})", flush=True)  # fmt: skip
         finally:
             if competitor is not None:
                 competitor.kill()
