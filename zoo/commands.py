@@ -55,6 +55,42 @@ def _export_ema(argv: Sequence[str]) -> None:
     print(f"zoo: wrote {path} (EMA weights as the model's state_dict)")
 
 
+def _inspect_compressed(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="zoo inspect-compressed",
+        description="Load a checkpoint written with the compression callbacks (pruning, quantization, weight "
+        "sharing) into its model, outside Lightning, and report what was compressed.",
+    )
+    parser.add_argument("checkpoint", help="e.g. runs/.../compressed.ckpt")
+    parser.add_argument(
+        "--model", help="its LightningModule (short or dotted name) when the checkpoint does not say"
+    )
+    args = parser.parse_args(argv)
+    from zoo.callbacks.compression.records import CHECKPOINT_KEY, load_compressed, state_dict_bytes
+    from zoo.checkpointing import load_checkpoint_file
+    from zoo.errors import ZooError
+    from zoo.registry import import_class
+
+    checkpoint = load_checkpoint_file(args.checkpoint, weights_only=True)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    class_path = args.model or hparams.get("_class_path")
+    if not class_path:
+        raise ZooError(
+            f"{args.checkpoint} does not name its model class: pass --model (e.g. --model ImageClassifier)"
+        )
+    model_class = import_class(class_path)
+    arguments = model_class.upgrade_hyperparameters(
+        {k: v for k, v in hparams.items() if not k.startswith("_")}
+    )
+    model = load_compressed(model_class(**arguments), checkpoint).eval()
+    records = checkpoint.get(CHECKPOINT_KEY) or []
+    print(f"zoo: {args.checkpoint} loads into {model_class.__name__}: "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, {state_dict_bytes(model) / 1e6:.2f} MB of weights")  # fmt: skip
+    for record in records:
+        layers = record.get("layers") or []
+        print(f"  {record.get('kind')}: {len(layers)} layers" if layers else f"  {record.get('kind')}")
+
+
 def _upgrade_checkpoint(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="zoo upgrade-checkpoint",
@@ -90,6 +126,14 @@ TOOLS: dict[str, tuple[str, str | Callable[[Sequence[str]], None]]] = {
     "list": ("print the model table (name, task, parameters, config)", "zoo.registry:main"),
     "consolidate": ("merge a sharded FSDP/FSDP2 checkpoint into one file", _consolidate),
     "export-ema": ("write a checkpoint holding a run's EMA weights", _export_ema),
+    "convert-esm": (
+        "convert an ESM-2 checkpoint between fair-esm and Hugging Face",
+        "zoo.protein.convert:convert_main",
+    ),
+    "inspect-compressed": (
+        "load a compressed checkpoint into its model and report its compression",
+        _inspect_compressed,
+    ),
     "upgrade-checkpoint": (
         "rewrite a checkpoint of an earlier version with today's names",
         _upgrade_checkpoint,

@@ -5,7 +5,7 @@
 - ``compression``: torchao (int8 quantization on CUDA) and torch-pruning (conv channel pruning);
 - ``distributed``: DeepSpeed (``configs/strategy/deepspeed_*.yaml``);
 - ``bev``: SciPy's Hungarian matching (BEVFormer's detection head);
-- ``clip``: transformers, for a local CLIP text encoder in latent diffusion;
+- ``hf``: transformers, for Hugging Face formats (ESM-2 folders, a local CLIP text encoder in latent diffusion);
 - ``all``: every one of them.
 """
 

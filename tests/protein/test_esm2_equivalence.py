@@ -10,6 +10,7 @@ import torch
 
 from tests.protein.helpers import randomize
 from zoo.protein import ESM2, fair_esm_to_hf
+from zoo.protein.backbone import init_for_training
 
 esm = pytest.importorskip("esm")
 transformers = pytest.importorskip("transformers")
@@ -182,3 +183,21 @@ def test_untrusted_pickle_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="not a loadable"):
         ESM2.from_pretrained(tmp_path / "evil.pt")
+
+
+def test_zoo_convert_esm_writes_a_hf_folder_and_a_fair_esm_file(tmp_path, tokens, capsys):
+    from zoo.commands import main
+
+    ours = init_for_training(ESM2(2, 64, 4)).eval()  # pre-training init: logits of unit scale, as HF's
+    ours.save_pretrained(tmp_path / "ours.pt")
+    main(["convert-esm", str(tmp_path / "ours.pt"), str(tmp_path / "hf"), "--to", "hf"])
+    reference = transformers.EsmForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        expected = reference(input_ids=tokens, attention_mask=tokens.ne(1).long()).logits
+        _assert_close(ours(tokens)["logits"], expected, "logits")
+    main(["convert-esm", str(tmp_path / "hf"), str(tmp_path / "back.pt"), "--to", "fair-esm"])
+    back = ESM2.from_pretrained(tmp_path / "back.pt")
+    for key, value in back.state_dict().items():
+        if not key.startswith("contact_head."):  # HF's EsmForMaskedLM has no contact regression
+            torch.testing.assert_close(value, ours.state_dict()[key], msg=key)
+    assert "zoo: wrote" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Checkpoint conversion: fair-esm files and HF ``EsmForMaskedLM`` weights in, fair-esm files out.
+"""Checkpoint conversion: fair-esm files and HF ``EsmForMaskedLM`` weights in, fair-esm files and HF folders out.
 
 Everything is read with ``torch.load(weights_only=True)``. fair-esm's files also hold an
 ``argparse.Namespace`` (the training config), so exactly that type is allow-listed; nothing
@@ -16,9 +16,18 @@ from pathlib import Path
 
 import torch
 
+from zoo.extras import require
 from zoo.protein.model import ESM2
 
-__all__ = ["fair_esm_to_hf", "hf_to_fair_esm", "load_esm2", "load_state_dict_file", "save_fair_esm"]
+__all__ = [
+    "convert_main",
+    "fair_esm_to_hf",
+    "hf_to_fair_esm",
+    "load_esm2",
+    "load_state_dict_file",
+    "save_fair_esm",
+    "save_hf",
+]
 
 _FAIR_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 _HF_LAYER = re.compile(r"^esm\.encoder\.layer\.(\d+)\.(.+)$")
@@ -260,6 +269,41 @@ def save_fair_esm(model: ESM2, path: str | Path) -> Path:
     _atomic_save(main, path)
     _atomic_save({"model": regression}, Path(str(path.with_suffix("")) + "-contact-regression.pt"))
     return path
+
+
+def save_hf(model: ESM2, folder: str | Path) -> Path:
+    """Write a HF model folder (``config.json`` + weights) that ``transformers.EsmForMaskedLM.from_pretrained``
+    loads, with the configuration of fair-esm's published ESM-2 (rotary positions, pad 1, mask 32)."""
+    transformers = require("transformers", "hf", "writing an ESM-2 model in the Hugging Face format")
+    config = transformers.EsmConfig(
+        vocab_size=len(model.alphabet.all_toks), mask_token_id=model.alphabet.mask_idx,
+        pad_token_id=model.alphabet.padding_idx, hidden_size=model.embed_dim, num_hidden_layers=model.num_layers,
+        num_attention_heads=model.attention_heads, intermediate_size=4 * model.embed_dim,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=1026,
+        layer_norm_eps=1e-5, position_embedding_type="rotary", emb_layer_norm_before=False,
+        token_dropout=model.token_dropout, tie_word_embeddings=True, architectures=["EsmForMaskedLM"],
+    )  # fmt: skip
+    hf = transformers.EsmForMaskedLM(config)
+    hf.load_state_dict(fair_esm_to_hf(model.state_dict()), strict=False)
+    folder = Path(folder)
+    hf.save_pretrained(folder)
+    return folder
+
+
+def convert_main(argv: list[str] | None = None) -> None:
+    """``zoo convert-esm``: any ESM-2 checkpoint the zoo reads, written as fair-esm or HF."""
+    parser = argparse.ArgumentParser(
+        prog="zoo convert-esm",
+        description="Convert an ESM-2 checkpoint (a fair-esm .pt file, a HF EsmForMaskedLM folder or state dict, "
+        "or a zoo ESM2 save) to the fair-esm file layout or a HF model folder.",
+    )
+    parser.add_argument("source", help="the checkpoint to read")
+    parser.add_argument("output", help="the .pt file (fair-esm) or folder (hf) to write")
+    parser.add_argument("--to", choices=("fair-esm", "hf"), required=True, help="the format to write")
+    args = parser.parse_args(argv)
+    model = ESM2.from_pretrained(args.source)
+    written = save_fair_esm(model, args.output) if args.to == "fair-esm" else save_hf(model, args.output)
+    print(f"zoo: wrote {written} ({args.to}; {model.num_layers} layers, {model.embed_dim}-d)")
 
 
 def _atomic_save(obj, path: Path) -> None:

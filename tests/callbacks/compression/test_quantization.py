@@ -168,3 +168,14 @@ def test_bad_mode_is_rejected():
         Quantization(mode="int3")
     with pytest.raises(ValueError, match="backend"):
         quantize_dynamic_int8(copy.deepcopy(tiny_deit()), backend="onnx")
+
+
+def test_zoo_inspect_compressed_loads_a_dynamic_int8_checkpoint(tmp_path, make_trainer, capsys):
+    from zoo.commands import main
+
+    data, model = _data(), ImageClassifier(**TINY_DEIT)
+    callback = Quantization(mode="dynamic", save_path=str(tmp_path / "int8.ckpt"))
+    make_trainer(callbacks=[callback], max_steps=1, limit_val_batches=0).fit(model, datamodule=data)
+    main(["inspect-compressed", str(callback.saved_to), "--model", "ImageClassifier"])
+    report = capsys.readouterr().out
+    assert "int8.ckpt loads into ImageClassifier" in report and "dynamic" in report
