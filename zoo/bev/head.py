@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from zoo.bev.decoder import inverse_sigmoid
+from zoo.extras import require
 
 __all__ = ["DetectionHead", "decode_boxes", "encode_boxes", "hungarian_match", "sigmoid_focal_loss"]
 
@@ -67,7 +67,8 @@ def hungarian_match(
     cost = cls_weight * _focal_cost(logits.float(), labels) + reg_weight * torch.cdist(
         codes[:, :8].float(), target_codes[:, :8].float(), p=1
     )
-    rows, cols = linear_sum_assignment(torch.nan_to_num(cost, nan=1e6).cpu().numpy())
+    optimize = require("scipy.optimize", "bev", "BEVFormer's Hungarian matching")
+    rows, cols = optimize.linear_sum_assignment(torch.nan_to_num(cost, nan=1e6).cpu().numpy())
     device = logits.device
     return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(
         cols, dtype=torch.long, device=device
