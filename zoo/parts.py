@@ -54,7 +54,7 @@ def resolve_part(value: Any, base: type[T]) -> T | None:
     if isinstance(value, str):  # what an earlier version's flat arguments held, e.g. conditioning="class"
         raise ValueError(
             f"expected a {base.__name__} or a dict of its fields, got the string {value!r}; a checkpoint of an "
-            "earlier version is converted with `python -m zoo.diffusion.checkpoints OLD.ckpt NEW.ckpt`"
+            "earlier version is converted with `zoo upgrade-checkpoint OLD.ckpt NEW.ckpt`"
         )
     raise TypeError(f"expected a {base.__name__} or a dict of its fields, got {type(value).__name__}")
 
