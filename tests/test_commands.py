@@ -96,3 +96,4 @@ def test_a_bad_input_is_one_paragraph_and_exit_status_2(command, make_input, tmp
     assert "Traceback" not in result.stderr
     (message,) = [line for line in result.stderr.splitlines() if line.startswith("zoo: error:")]
     assert named in message
+    assert not (tmp_path / "runs").exists()  # a run that never started leaves no version folder behind
