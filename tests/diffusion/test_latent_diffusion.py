@@ -140,7 +140,7 @@ def test_parts_are_checked_and_named_in_errors():
         LatentDiffusion(autoencoder={"kind": "kl"}, num_classes=2)
     with pytest.raises(ValueError, match="not a kind of ConditioningConfig"):
         LatentDiffusion(autoencoder=None, conditioning={"class_path": "ImageConditioning"})
-    with pytest.raises(ValueError, match=r"zoo\.diffusion\.checkpoints"):
+    with pytest.raises(ValueError, match="zoo upgrade-checkpoint"):
         LatentDiffusion(autoencoder=None, conditioning="class", num_classes=2)
     with pytest.raises(ValueError, match="condition dropout"):
         ClassConditioning(dropout=1.0)
