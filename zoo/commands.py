@@ -55,6 +55,23 @@ def _export_ema(argv: Sequence[str]) -> None:
     print(f"zoo: wrote {path} (EMA weights as the model's state_dict)")
 
 
+MODEL_OPTION_HELP = "its LightningModule (short or dotted name) when the checkpoint does not say"
+
+
+def _checkpoint_and_model_class(path: str, model: str | None) -> tuple[dict, type]:
+    """A checkpoint (read with errors that name the file) and the model class that wrote it: ``--model``, or
+    the class the zoo CLI recorded in its hyper-parameters."""
+    from zoo.checkpointing import load_checkpoint_file
+    from zoo.errors import ZooError
+    from zoo.registry import import_class
+
+    checkpoint = load_checkpoint_file(path, weights_only=True)
+    class_path = model or (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if not class_path:
+        raise ZooError(f"{path} does not name its model class: pass --model (e.g. --model ImageClassifier)")
+    return checkpoint, import_class(class_path)
+
+
 def _inspect_compressed(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="zoo inspect-compressed",
@@ -62,23 +79,12 @@ def _inspect_compressed(argv: Sequence[str]) -> None:
         "sharing) into its model, outside Lightning, and report what was compressed.",
     )
     parser.add_argument("checkpoint", help="e.g. runs/.../compressed.ckpt")
-    parser.add_argument(
-        "--model", help="its LightningModule (short or dotted name) when the checkpoint does not say"
-    )
+    parser.add_argument("--model", help=MODEL_OPTION_HELP)
     args = parser.parse_args(argv)
     from zoo.callbacks.compression.records import CHECKPOINT_KEY, load_compressed, state_dict_bytes
-    from zoo.checkpointing import load_checkpoint_file
-    from zoo.errors import ZooError
-    from zoo.registry import import_class
 
-    checkpoint = load_checkpoint_file(args.checkpoint, weights_only=True)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    class_path = args.model or hparams.get("_class_path")
-    if not class_path:
-        raise ZooError(
-            f"{args.checkpoint} does not name its model class: pass --model (e.g. --model ImageClassifier)"
-        )
-    model_class = import_class(class_path)
+    checkpoint, model_class = _checkpoint_and_model_class(args.checkpoint, args.model)
+    hparams = checkpoint.get("hyper_parameters") or {}
     arguments = model_class.upgrade_hyperparameters(
         {k: v for k, v in hparams.items() if not k.startswith("_")}
     )
@@ -99,24 +105,13 @@ def _upgrade_checkpoint(argv: Sequence[str]) -> None:
     )
     parser.add_argument("checkpoint", help="the checkpoint to read")
     parser.add_argument("output", help="the checkpoint to write")
-    parser.add_argument(
-        "--model", help="its LightningModule (short or dotted name) when the checkpoint does not say"
-    )
+    parser.add_argument("--model", help=MODEL_OPTION_HELP)
     args = parser.parse_args(argv)
     import torch
 
-    from zoo.checkpointing import atomic_torch_save, load_checkpoint_file
-    from zoo.registry import import_class
+    from zoo.checkpointing import atomic_torch_save
 
-    checkpoint = load_checkpoint_file(args.checkpoint)
-    class_path = args.model or checkpoint.get("hyper_parameters", {}).get("_class_path")
-    if not class_path:
-        from zoo.errors import ZooError
-
-        raise ZooError(
-            f"{args.checkpoint} does not name its model class: pass --model (e.g. --model ImageClassifier)"
-        )
-    model_class = import_class(class_path)
+    checkpoint, model_class = _checkpoint_and_model_class(args.checkpoint, args.model)
     atomic_torch_save(model_class.upgrade_checkpoint(checkpoint), args.output)
     print(f"zoo: wrote {args.output} ({model_class.__name__}, torch {torch.__version__})")
 
