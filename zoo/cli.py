@@ -246,4 +246,12 @@ def run(args: list[str]) -> None:
     """``zoo fit|validate|test|predict ...`` (the ``zoo`` command, ``zoo.commands``, dispatches here), with
     PyTorch's CPU threads on the free cores unless ``OMP_NUM_THREADS`` is set (``zoo.threads``)."""
     choose_threads()
-    ZooCLI(args=args)
+    try:
+        ZooCLI(args=args)
+    finally:
+        # tear down gloo/NCCL before the interpreter does: left to exit, gloo's threads can abort the process
+        # ("terminate called without an active exception") after a finished multi-process run
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
