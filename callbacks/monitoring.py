@@ -5,32 +5,60 @@ Lightning's pieces each do one part: ``grad_norm`` (a utility, per-parameter key
 raises), ``EarlyStopping(check_finite=True)`` (stops after the NaN reached the weights). This callback
 computes what is cheap every step (the loss, one fused ``torch._foreach_norm`` over the gradients), the rest
 every ``log_every_n_steps``, and acts *before* the optimizer step: a non-finite gradient or a loss spike can
-``warn``, ``skip_step`` (gradients dropped, weights untouched) or ``stop`` (a checkpoint of the still-healthy
-weights is written first). At fit end it writes ``training_report.json`` and ``training_report.md``.
+``warn``, ``skip_step`` (gradients dropped, weights untouched), ``rollback`` (back to an in-memory copy of the
+last good weights, optimizer and scheduler state) or ``stop`` (a checkpoint of the still-healthy weights is
+written first, to resume from). A non-finite loss or gradient is traced to the first module whose output is
+non-finite (or the first parameter whose gradient is), by re-running that step's forward only when it happens.
+The callback's state travels in checkpoints, so a resumed run reports as an uninterrupted one would. At fit end
+it writes ``training_report.json`` and ``training_report.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import itertools
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
 __all__ = ["TrainingMonitor"]
 
-Action = Literal["warn", "skip_step", "stop"]
+Action = Literal["warn", "skip_step", "rollback", "stop"]
+ACTIONS = get_args(Action)
+ACTIONABLE = ("nan_loss", "nan_grad", "loss_spike", "exploding_grad")  # acted on before the optimizer step
+NON_FINITE = ("nan_loss", "nan_grad")  # traced to the first non-finite module or gradient
+# What a checkpoint carries (plain python types: loadable with ``torch.load(weights_only=True)``).
+STATE = (
+    "losses",
+    "history",
+    "anomalies",
+    "data_report",
+    "step_times",
+    "samples_per_s",
+    "tokens_per_s",
+    "peak_rss",
+    "rollbacks",
+    "_rollbacks_in_a_row",
+    "_healthy_steps",
+    "_batches_checked",
+)
 
 RECOMMENDATIONS = {
     "nan_loss": "A non-finite loss: lower the learning rate, add gradient clipping, or use bf16 instead of fp16.",
@@ -94,19 +122,133 @@ def _token_count(batch: Any) -> int | None:
     return None
 
 
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    """Every tensor in a module output or batch, through dicts (Hugging Face outputs are dicts), lists and
+    tuples."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _has_non_finite(obj: Any) -> bool:
+    return any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in _tensors(obj))
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A deep copy with every tensor cloned onto the CPU, so a snapshot never aliases live state."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: _cpu_copy(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu_copy(value) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(_cpu_copy(value) for value in obj)
+    return copy.deepcopy(obj)
+
+
+@contextlib.contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """Put the torch (CPU and CUDA), numpy and python random streams back as they were: a diagnostic forward
+    (dropout, stochastic depth) must not shift the draws of the rest of the run, or resumes stop being exact."""
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def _side_effects_undone(module: LightningModule) -> Iterator[None]:
+    """Re-run a training step without it showing: random streams and buffers (BatchNorm running statistics)
+    are restored, and ``self.log`` / ``self.log_dict`` do nothing, so no metric gets a second value."""
+    buffers = [(b, b.clone()) for b in module.buffers()]
+    try:
+        with _rng_preserved(), contextlib.ExitStack() as stack:
+            for name in ("log", "log_dict"):
+                stack.enter_context(_attribute(module, name, lambda *args, **kwargs: None))
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+
+@contextlib.contextmanager
+def _attribute(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """``obj.name`` shadowed by ``value`` on the instance for the duration of the block."""
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        delattr(obj, name)
+
+
+def _describe(origin: dict[str, Any]) -> str:
+    where, name = origin["where"], origin.get("name")
+    if where == "input":
+        return "the input batch already holds non-finite values"
+    if where == "module":
+        return f"module {name!r} ({origin['type']}) is the first to output a non-finite value"
+    if where == "training_step":
+        return "every module output is finite; the loss training_step computes from them is not"
+    if where == "gradient":
+        return f"the forward is finite; parameter {name!r} is the first with a non-finite gradient"
+    return f"no non-finite module output or gradient found ({origin['reason']})"
+
+
 class TrainingMonitor(Callback):
     """Statistics, diagnostics and a report for any LightningModule.
+
+    Actions, taken before the optimizer step on a non-finite loss or gradient, a loss spike or an exploding
+    gradient norm (other findings are reported only):
+
+    - ``warn``: a warning and an entry in the report.
+    - ``skip_step``: the step's gradients are dropped, so the weights and optimizer state stay as they were.
+    - ``rollback``: the step is dropped and, at the end of the step, the weights (and buffers), optimizer state
+      and LR-scheduler state go back to the last good snapshot; training goes on with the next batch. The
+      snapshot is an in-memory CPU copy, refreshed every ``rollback_every_n_steps`` healthy steps (taken just
+      before such a step's update, after its loss and gradients passed the checks), at fit start and whenever a
+      checkpoint is saved. It costs one copy of the module's ``state_dict`` plus the optimizer state in host
+      memory (about 3x the weights with Adam). In memory rather than re-reading ``last.ckpt``: restoring takes
+      a memory copy instead of a disk read and unpickling, and the restore point does not depend on whether, or
+      how often, checkpoints are written. After ``max_rollbacks`` rollbacks with no new healthy snapshot in
+      between, the next anomaly stops the run as ``stop`` does.
+    - ``stop``: ``before-anomaly-step{N}.ckpt`` (the weights before the offending update, resumable with
+      ``Trainer.fit(ckpt_path=...)``) is written to the report directory and the fit ends; the report says
+      which anomaly, at which step, where it started, and the checkpoint to resume from.
+
+    A non-finite loss or gradient is traced, only when it happens, by re-running that step's
+    ``training_step`` under ``torch.no_grad()`` with a forward hook on every submodule: the first module (in
+    execution order) whose output is non-finite is named; if the forward is finite, the first parameter (in
+    module order) with a non-finite gradient. Random streams, buffers and ``self.log`` are left untouched by
+    the re-run, so the run continues exactly as it would have.
+
+    ``state_dict`` carries the loss window, history, anomalies, rollback counts and throughput records, so a
+    run killed and resumed from a checkpoint reports what an uninterrupted one would (timings aside).
 
     Args:
         log_every_n_steps: how often the statistics (norms, weights, system) are logged.
         per_layer: also log gradient norm and weight mean/std/max per module ``layer_depth`` levels deep.
         layer_depth: the grouping depth of parameter names for per-layer statistics.
-        action: what a detected anomaly does: ``warn``, ``skip_step`` or ``stop``.
+        action: what a detected anomaly does: ``warn``, ``skip_step``, ``rollback`` or ``stop``.
         spike_factor / spike_window: a loss above ``spike_factor`` x the running median of the last
             ``spike_window`` losses is a spike.
         explode_threshold / vanish_threshold: global gradient-norm bounds.
         data_check_batches: training batches whose inputs and labels are checked at the start.
-        report_dir: where the report goes (default: the trainer's log dir).
+        report_dir: where the report (and the ``stop`` checkpoint) goes (default: the trainer's log dir).
+        rollback_every_n_steps: healthy steps between two snapshots for ``rollback``.
+        max_rollbacks: rollbacks to the same snapshot before the run is stopped instead.
     """
 
     def __init__(
@@ -121,11 +263,18 @@ class TrainingMonitor(Callback):
         vanish_threshold: float = 1e-7,
         data_check_batches: int = 2,
         report_dir: str | None = None,
+        rollback_every_n_steps: int = 50,
+        max_rollbacks: int = 3,
     ) -> None:
-        if action not in ("warn", "skip_step", "stop"):
-            raise ValueError(f"TrainingMonitor action must be 'warn', 'skip_step' or 'stop', got {action!r}")
+        if action not in ACTIONS:
+            raise ValueError(f"TrainingMonitor action must be one of {ACTIONS}, got {action!r}")
         if log_every_n_steps < 1:
             raise ValueError(f"TrainingMonitor log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        if rollback_every_n_steps < 1 or max_rollbacks < 0:
+            raise ValueError(
+                "TrainingMonitor needs rollback_every_n_steps >= 1 and max_rollbacks >= 0, got "
+                f"{rollback_every_n_steps} and {max_rollbacks}"
+            )
         self.log_every_n_steps, self.per_layer, self.layer_depth = log_every_n_steps, per_layer, layer_depth
         self.action, self.spike_factor, self.explode_threshold = action, spike_factor, explode_threshold
         self.vanish_threshold, self.data_check_batches, self.report_dir = (
@@ -133,21 +282,48 @@ class TrainingMonitor(Callback):
             data_check_batches,
             report_dir,
         )
+        self.rollback_every_n_steps, self.max_rollbacks = rollback_every_n_steps, max_rollbacks
         self.losses: deque[float] = deque(maxlen=spike_window)
         self.history: list[tuple[int, float]] = []  # (step, loss)
         self.anomalies: list[dict[str, Any]] = []
         self.step_times: list[float] = []
         self.samples_per_s: list[float] = []
+        self.tokens_per_s: list[float] = []
         self.peak_rss = 0
         self.data_report: dict[str, Any] = {}
+        self.rollbacks = 0
+        self.stopped: dict[str, Any] | None = None  # this fit's stop: anomaly, step, origin, checkpoint
         self._pending: list[dict[str, Any]] = []  # anomalies of the current step, acted on before the step
         self._last_start: float | None = None
         self._weights_before: list[Tensor] | None = None
         self._named_parameters: list[tuple[str, Tensor]] | None = None
         self._batch_samples: int | None = None
         self._batch_tokens: int | None = None
-        self.tokens_per_s: list[float] = []
-        self.stopped_checkpoint: str | None = None
+        self._batches_checked = 0
+        self._batch: Any = None  # the current batch, kept for the step (a reference) to trace an anomaly
+        self._batch_idx = 0
+        self._snapshot: dict[str, Any] | None = None  # rollback: CPU copy of the last good state
+        self._healthy_steps = 0  # since the last snapshot or rollback
+        self._rollbacks_in_a_row = 0  # to the current snapshot
+        self._rollback_pending = False
+
+    @property
+    def stopped_checkpoint(self) -> str | None:
+        """The checkpoint ``stop`` wrote in this fit, to resume from."""
+        return self.stopped["checkpoint"] if self.stopped else None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """What the report and the checks need to carry on after a resume, as plain python values."""
+        state = {name: copy.deepcopy(getattr(self, name)) for name in STATE}
+        state["losses"] = list(self.losses)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        window = self.losses.maxlen
+        for name in STATE:
+            setattr(self, name, state_dict[name])
+        self.losses = deque(self.losses, maxlen=window)
 
     # ----------------------------------------------------------------- helpers
     def _log_step(self, trainer: Trainer) -> bool:
@@ -176,7 +352,9 @@ class TrainingMonitor(Callback):
         self._last_start = now
         self._batch_samples = _batch_size(batch)
         self._batch_tokens = _token_count(batch)
-        if batch_idx < self.data_check_batches and trainer.current_epoch == 0:
+        self._batch, self._batch_idx = batch, batch_idx
+        if self._batches_checked < self.data_check_batches:  # counted, so a resume does not check twice
+            self._batches_checked += 1
             self._check_data(trainer, batch)
 
     def _check_data(self, trainer: Trainer, batch: Any) -> None:
@@ -321,27 +499,172 @@ class TrainingMonitor(Callback):
 
     def _act(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         pending, self._pending = self._pending, []
-        actionable = [
-            a for a in pending if a["kind"] in ("nan_loss", "nan_grad", "loss_spike", "exploding_grad")
-        ]
-        if not actionable or self.action == "warn":
+        actionable = [a for a in pending if a["kind"] in ACTIONABLE]
+        if not actionable:
+            self._count_healthy_step(trainer, pl_module)
             return
-        if self.action == "stop" and self.stopped_checkpoint is None:
-            # The optimizer has not stepped yet: these weights are still healthy.
-            path = Path(self._report_dir(trainer)) / f"before-anomaly-step{trainer.global_step}.ckpt"
-            trainer.save_checkpoint(path)
-            self.stopped_checkpoint = str(path)
-            trainer.should_stop = True
+        self._trace(trainer, pl_module, actionable)
+        if self.action == "warn":
+            return
+        action = self.action
+        if action == "rollback" and self._rollbacks_in_a_row >= self.max_rollbacks:
+            action = "stop"
+        for anomaly in actionable:
+            anomaly["action"] = action
         for group in optimizer.param_groups:  # skip this update: optimizers ignore parameters without grads
             for p in group["params"]:
                 p.grad = None
+        if action == "rollback":
+            self._plan_rollback(actionable)
+        elif action == "stop":
+            self._stop(trainer, actionable)
+
+    # ------------------------------------------------------ tracing non-finite
+    def _trace(self, trainer: Trainer, pl_module: LightningModule, actionable: list[dict[str, Any]]) -> None:
+        """Attach where a non-finite loss or gradient started to the step's anomalies (a spike or an exploding
+        norm is finite: nothing to trace)."""
+        non_finite = [a for a in actionable if a["kind"] in NON_FINITE]
+        if not non_finite:
+            return
+        origin = self._first_non_finite(trainer, pl_module)
+        origin["message"] = _describe(origin)
+        for anomaly in non_finite:
+            anomaly["first_non_finite"] = dict(origin)
+        rank_zero_warn(f"TrainingMonitor: step {trainer.global_step}: {origin['message']}")
+
+    def _first_non_finite(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        """The input batch, else the first module whose output is non-finite on a re-run of the step (or the
+        loss computed outside any module), else the first parameter with a non-finite gradient."""
+        if _has_non_finite(self._batch):
+            return {"where": "input", "name": None}
+        reason = "the re-run forward and every gradient are finite"
+        try:
+            origin = self._replay(trainer, pl_module)
+        except Exception as error:  # a diagnosis must never end the run
+            origin, reason = None, f"re-running training_step failed: {error!r}"
+        if origin is not None:
+            return origin
+        for name, p in pl_module.named_parameters():
+            if p.grad is not None and _has_non_finite(p.grad):
+                return {"where": "gradient", "name": name}
+        return {"where": None, "name": None, "reason": reason}
+
+    def _replay(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
+        """Re-run ``training_step`` on the step's batch with a forward hook on every submodule. Hooks fire as
+        each module's forward returns, so the first non-finite output is the innermost, earliest culprit."""
+        if self._batch is None:  # training_step reads a dataloader_iter: no batch to replay
+            return None
+        found: list[dict[str, Any]] = []
+
+        def record(name: str, module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not found and _has_non_finite(output):
+                found.append({"where": "module", "name": name, "type": type(module).__name__})
+
+        handles = [
+            module.register_forward_hook(functools.partial(record, name))
+            for name, module in pl_module.named_modules()
+            if name
+        ]
+        takes_index = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+        args = (self._batch, self._batch_idx) if takes_index else (self._batch,)
+        try:
+            with (
+                _side_effects_undone(pl_module),
+                torch.no_grad(),
+                trainer.precision_plugin.train_step_context(),
+            ):
+                output = pl_module.training_step(*args)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not found and _has_non_finite(output):
+            found.append({"where": "training_step", "name": None})
+        return found[0] if found else None
+
+    # --------------------------------------------------------------- rollback
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.action == "rollback":
+            self._take_snapshot(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        """A checkpoint is a restore point too: a run resumed from it snapshots the same state at its start,
+        so it rolls back exactly as the uninterrupted run does."""
+        if self.action == "rollback" and not trainer.should_stop:
+            self._take_snapshot(trainer, pl_module)
+
+    def _count_healthy_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Every ``rollback_every_n_steps`` healthy steps, snapshot the state just before the update: this
+        step's loss and gradients passed the checks, so the weights are known to be good."""
+        if self.action != "rollback":
+            return
+        self._healthy_steps += 1
+        if self._healthy_steps >= self.rollback_every_n_steps:
+            self._take_snapshot(trainer, pl_module)
+            self._healthy_steps = self._rollbacks_in_a_row = 0
+
+    def _take_snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._snapshot = None  # the old copy goes first: never two in host memory
+        self._snapshot = {
+            "step": trainer.global_step,  # the state before this step's optimizer update
+            "model": _cpu_copy(pl_module.state_dict()),
+            "optimizers": [_cpu_copy(optimizer.state_dict()) for optimizer in trainer.optimizers],
+            "schedulers": [
+                _cpu_copy(config.scheduler.state_dict()) for config in trainer.lr_scheduler_configs
+            ],
+        }
+
+    def _plan_rollback(self, actionable: list[dict[str, Any]]) -> None:
+        self.rollbacks += 1
+        self._rollbacks_in_a_row += 1
+        self._healthy_steps = 0  # a new snapshot needs rollback_every_n_steps healthy steps from here
+        self._rollback_pending = True
         for anomaly in actionable:
-            anomaly["action"] = self.action
+            anomaly["rolled_back_to_step"] = self._snapshot["step"]
+
+    def _rollback(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Restore the snapshot at the end of the step, after Lightning's per-step scheduler update, so the next
+        step starts from exactly the snapshot's weights, optimizer and learning rate."""
+        self._rollback_pending = False
+        pl_module.load_state_dict(self._snapshot["model"])  # copies into the live tensors
+        # Copies again: on the CPU, load_state_dict would make the live state alias the snapshot.
+        for optimizer, state in zip(trainer.optimizers, self._snapshot["optimizers"]):
+            optimizer.load_state_dict(_cpu_copy(state))
+        for config, state in zip(trainer.lr_scheduler_configs, self._snapshot["schedulers"]):
+            config.scheduler.load_state_dict(_cpu_copy(state))
+
+    # ------------------------------------------------------------------- stop
+    def _stop(self, trainer: Trainer, actionable: list[dict[str, Any]]) -> None:
+        """Write the still-healthy weights (the optimizer has not stepped yet) and end the fit."""
+        if self.stopped is not None:
+            return
+        path = str(Path(self._report_dir(trainer)) / f"before-anomaly-step{trainer.global_step}.ckpt")
+        origin = next((a["first_non_finite"] for a in actionable if "first_non_finite" in a), None)
+        reason = "action='stop'"
+        if self.action == "rollback":
+            reason = (
+                f"{self._rollbacks_in_a_row} rollbacks to the state before step {self._snapshot['step']} "
+            )
+            reason += "did not prevent it"
+        self.stopped = {
+            "step": trainer.global_step,
+            "anomalies": [a["kind"] for a in actionable],
+            "first_non_finite": origin,
+            "action": "stop",
+            "reason": reason,
+            "checkpoint": path,
+        }
+        for anomaly in actionable:  # before saving, so the checkpoint's own history records it
+            anomaly["checkpoint"] = path
+        trainer.should_stop = True
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint: resumable
 
     # ------------------------------------------------------------ statistics
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._rollback_pending:
+            self._rollback(trainer, pl_module)
+        self._batch = None  # not kept alive through validation
         if self._weights_before is None:  # not a logging step
             return
         before, self._weights_before = self._weights_before, None
@@ -443,32 +766,60 @@ class TrainingMonitor(Callback):
             "data": self.data_report,
             "anomalies": self.anomalies,
             "recommendations": [RECOMMENDATIONS[k] for k in kinds if k in RECOMMENDATIONS],
+            "rollbacks": self.rollbacks,
+            "stopped": self.stopped,
             "stopped_checkpoint": self.stopped_checkpoint,
         }
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Also reached when ``stop`` ended the fit: the report then says how to resume."""
+        self._snapshot = None  # the host memory it held goes back
         if not trainer.is_global_zero:
             return
         report = self.report()
         directory = Path(self._report_dir(trainer))
         (directory / "training_report.json").write_text(json.dumps(report, indent=2, default=str))
-        lines = ["# Training report", "", "| metric | value |", "|---|---|"]
-        lines += [
-            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-            for k, v in report["summary"].items()
-        ]
-        lines += ["", f"## Anomalies ({len(report['anomalies'])})", ""]
-        lines += [
-            f"- step {a['step']}: **{a['kind']}** {a['message']}"
-            + (f" ({a['action']})" if "action" in a else "")
-            for a in report["anomalies"][:100]
-        ]
+        (directory / "training_report.md").write_text(_markdown(report))
+
+
+def _anomaly_line(anomaly: dict[str, Any]) -> str:
+    line = f"- step {anomaly['step']}: **{anomaly['kind']}** {anomaly['message']}"
+    if "first_non_finite" in anomaly:
+        line += f"; {anomaly['first_non_finite']['message']}"
+    if "action" in anomaly:
+        line += f" ({anomaly['action']}"
+        if "rolled_back_to_step" in anomaly:
+            line += f" to the state before step {anomaly['rolled_back_to_step']}"
+        line += ")"
+    return line
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = ["# Training report", "", "| metric | value |", "|---|---|"]
+    lines += [
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+        for k, v in report["summary"].items()
+    ]
+    lines += ["", f"## Anomalies ({len(report['anomalies'])})", ""]
+    lines += [_anomaly_line(a) for a in report["anomalies"][:100]]
+    if report["rollbacks"]:
+        lines += ["", f"Rollbacks: {report['rollbacks']}."]
+    if stopped := report["stopped"]:
+        origin = stopped["first_non_finite"]
         lines += [
             "",
-            "## Recommendations",
+            f"## Stopped at step {stopped['step']}",
             "",
-            *(f"- {r}" for r in report["recommendations"] or ["None: no anomalies seen."]),
+            f"- anomaly: {', '.join(stopped['anomalies'])}",
+            f"- first non-finite: {origin['message'] if origin else 'none (finite loss and gradients)'}",
+            f"- action: stop ({stopped['reason']})",
+            f"- resume from `{stopped['checkpoint']}` (the weights before the offending update): "
+            f"`Trainer.fit(model, ckpt_path=...)` once the cause is fixed",
         ]
-        if report["stopped_checkpoint"]:
-            lines += ["", f"Stopped; the last healthy weights are in `{report['stopped_checkpoint']}`."]
-        (directory / "training_report.md").write_text("\n".join(lines) + "\n")
+    lines += [
+        "",
+        "## Recommendations",
+        "",
+        *(f"- {r}" for r in report["recommendations"] or ["None: no anomalies seen."]),
+    ]
+    return "\n".join(lines) + "\n"

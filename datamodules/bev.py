@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from zoo.datamodules.bev_scenes import CAMERA_NAMES, CLASS_STYLE, make_scene, nuscenes_rig, render_frame
 from zoo.datamodules.splits import SplitDataModule
 from zoo.errors import MissingFileError, ZooError
+from zoo.resume import ResumableDataLoader
 
 __all__ = [
     "BEVDetectionDataModule",
@@ -522,7 +523,7 @@ class BEVDetectionDataModule(SplitDataModule):
         return self._loader(self.predict_set, shuffle=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,

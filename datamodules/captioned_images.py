@@ -32,6 +32,7 @@ from zoo.datamodules import buckets as bucketing
 from zoo.datamodules.images import IMAGE_SUFFIXES, _verify_readable
 from zoo.datamodules.shapes import COLOURS, SHAPES, SPLITS, render_shapes
 from zoo.datamodules.splits import SplitDataModule
+from zoo.resume import ResumableDataLoader
 
 __all__ = ["CaptionedFolderDataset", "CaptionedImageDataModule", "CaptionedShapesDataset", "tokenize_words"]
 
@@ -177,6 +178,26 @@ class CaptionedFolderDataset(Dataset):
         return {"image": tensor, "label": label, "caption": caption, "index": index}
 
 
+class _RandomFlips(Dataset):
+    """Training images flipped left-right with probability 1/2, drawn per sample: the zoo's loader seeds each
+    sample's draws by ``(seed, epoch, index)``, so a resumed run flips the images the killed one would have."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    @property
+    def indices(self) -> list[int]:
+        """The wrapped split's indices into the folder (the resolution buckets group by them)."""
+        return self.dataset.indices
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        return {**item, "image": item["image"].flip(-1)} if torch.rand(()) < 0.5 else item
+
+
 class _Prompts(Dataset):
     def __init__(self, items: list[dict]) -> None:
         self.items = items
@@ -277,6 +298,8 @@ class CaptionedImageDataModule(SplitDataModule):
             self.train_set = CaptionedShapesDataset(hp.train_size, split="train", **common)
             self.val_set = CaptionedShapesDataset(hp.val_size, split="val", **common)
             self.test_set = CaptionedShapesDataset(hp.test_size, split="test", **common)
+            if hp.random_flip:
+                self.train_set = _RandomFlips(self.train_set)
             return
         order = torch.randperm(len(self._folder), generator=torch.Generator().manual_seed(hp.seed))
         n_val = max(1, round(len(order) * hp.val_fraction))
@@ -286,6 +309,8 @@ class CaptionedImageDataModule(SplitDataModule):
             )
         self.train_set = Subset(self._folder, order[n_val:].tolist())
         self.val_set = self.test_set = Subset(self._folder, order[:n_val].tolist())
+        if hp.random_flip:
+            self.train_set = _RandomFlips(self.train_set)
 
     def _collate(self, items: list[dict]) -> dict:
         batch = {
@@ -294,9 +319,6 @@ class CaptionedImageDataModule(SplitDataModule):
             "caption": [i["caption"] for i in items],
             "index": torch.tensor([i["index"] for i in items]),
         }
-        if self.hparams.random_flip and self.trainer is not None and self.trainer.training:
-            flip = torch.rand(len(items)) < 0.5
-            batch["image"][flip] = batch["image"][flip].flip(-1)
         return batch
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
@@ -310,8 +332,8 @@ class CaptionedImageDataModule(SplitDataModule):
             sampler = bucketing.BucketBatchSampler(
                 epochs, bucket_of, self.batch_size, shuffle, self.hparams.seed
             )
-            return DataLoader(dataset, batch_sampler=sampler, collate_fn=self._collate, **common)
-        return DataLoader(
+            return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=self._collate, **common)
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from zoo.datamodules.shapes import COLOURS, SHAPES, ShapesDataset
 from zoo.datamodules.splits import SplitDataModule
 from zoo.errors import MissingFileError, ZooError
+from zoo.resume import ResumableDataLoader
 
 __all__ = ["ImageClassificationDataModule", "ImageFileDataset", "ImageFolderDataset", "predict_image_files"]
 
@@ -331,7 +332,7 @@ class ImageClassificationDataModule(SplitDataModule):
 
     # ------------------------------------------------------------ dataloaders
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,

@@ -68,6 +68,7 @@ from zoo.multitask.tasks import (
     validate_tasks,
 )
 from zoo.multitask.vocab import EOS_ID, PAD_ID, SPECIAL_TOKENS, Vocabulary
+from zoo.resume import ResumableDataLoader
 
 __all__ = [
     "ARITHMETIC_TASKS",
@@ -678,7 +679,7 @@ class MultitaskDataModule(SplitDataModule):
             hp.bucket_size,
             hp.seed,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             batches,
             batch_sampler=sampler,
             collate_fn=batches.collate,

@@ -37,6 +37,7 @@ from zoo.datamodules.splits import SplitDataModule
 from zoo.errors import MissingFileError, ZooError
 from zoo.protein.alphabet import Alphabet
 from zoo.protein.fasta import OK, PROBLEM_NAMES, FastaIndex
+from zoo.resume import ResumableDataLoader
 
 __all__ = [
     "ContactMaps",
@@ -259,11 +260,11 @@ class ProteinLoaders(SplitDataModule):
         common = {"collate_fn": self.collate, "num_workers": hp.num_workers}
         common["persistent_workers"] = hp.num_workers > 0
         if hp.max_tokens is None:
-            return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, **common)
+            return ResumableDataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, **common)
         # a DistributedSampler over one process still receives Lightning's set_epoch calls
         epochs = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False, seed=hp.seed)
         sampler = TokenBudgetBatchSampler(epochs, dataset.token_lengths(), hp.max_tokens, shuffle, hp.seed)
-        return DataLoader(dataset, batch_sampler=sampler, **common)
+        return ResumableDataLoader(dataset, batch_sampler=sampler, **common)
 
 
 def select_records(

@@ -40,6 +40,7 @@ STAGES = ("train", "val", "test")
 IGNORE_INDEX = -100
 #: Default metric group: its stage collections are keyed ``<stage>_metrics``.
 DEFAULT_GROUP = ""
+METRIC_STATES_KEY = "zoo_metric_states"
 
 
 class ZooModule(LightningModule):
@@ -162,9 +163,46 @@ class ZooModule(LightningModule):
             self.log_dict(rest, sync_dist=False)
 
     def on_fit_start(self) -> None:
-        """Fresh metric states: ones made under ``inference_mode`` (an earlier ``validate``) can't be updated in fit."""
+        """Fresh metric states: ones made under ``inference_mode`` (an earlier ``validate``) can't be updated in fit.
+        A run resumed mid-epoch then gets back the training metrics' states of the batches it had seen."""
         for collection in self.metrics.values():
             collection.reset()
+        pending, self._pending_metric_states = getattr(self, "_pending_metric_states", None), None
+        if pending and (self._trainer is None or self.trainer.is_global_zero):
+            self._load_metric_states(pending)
+
+    def _training_metrics(self):
+        for key in self.metrics:
+            if key.startswith("train_"):
+                for name, metric in self.metrics[key].items(keep_base=True, copy_state=False):
+                    yield f"{key}.{name}", metric
+
+    def _metric_states(self) -> dict[str, dict[str, Any]]:
+        """The training metrics' accumulated states (epoch-level values of a run killed mid-epoch). Under several
+        processes they are synchronised first and restored on rank 0 alone, so the totals count every batch
+        once."""
+        states = {}
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        for name, metric in self._training_metrics():
+            if distributed and metric.update_count:
+                metric.sync(should_sync=True, distributed_available=lambda: True)
+            states[name] = {"update_count": metric.update_count}
+            states[name].update({state: _detached(getattr(metric, state)) for state in metric._defaults})
+            if distributed and metric._is_synced:
+                metric.unsync()
+        return states
+
+    def _load_metric_states(self, states: dict[str, dict[str, Any]]) -> None:
+        for name, metric in self._training_metrics():
+            saved = states.get(name)
+            if saved is None:
+                continue
+            metric._update_count = int(saved["update_count"])
+            for state in metric._defaults:
+                value = saved[state]
+                moved = [v.to(self.device) for v in value] if isinstance(value, list) else value.to(self.device)
+                setattr(metric, state, moved)
+            metric._computed = None
 
     def on_train_epoch_end(self) -> None:
         self._log_stage_metrics("train")
@@ -242,6 +280,11 @@ class ZooModule(LightningModule):
                 checkpoint_path = buffer
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Adds the training metrics' states (outside ``state_dict``: weights files stay as they were)."""
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            checkpoint[METRIC_STATES_KEY] = self._metric_states()
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Upgrade keys an earlier version wrote, then fail naming every differing, missing and unexpected
         entry at once (rather than PyTorch's first ``size mismatch``) when a trainer resumes or evaluates.
@@ -249,6 +292,7 @@ class ZooModule(LightningModule):
         Subclasses that edit ``checkpoint["state_dict"]`` (e.g. put back omitted frozen weights) call this last.
         ``Module.load_from_checkpoint`` without a trainer is left to ``load_state_dict`` and its ``strict`` flag.
         """
+        self._pending_metric_states = checkpoint.get(METRIC_STATES_KEY)
         if "state_dict" in checkpoint:
             checkpoint["state_dict"] = rename_keys(checkpoint["state_dict"], self.state_dict_renames)
             rename_callback_states(checkpoint, self.state_dict_renames)
@@ -287,6 +331,10 @@ class ZooModule(LightningModule):
         # step may use them before any forward (a conditioning embedding, a task head's projection).
         for method in ("training_step", "validation_step", "test_step", "predict_step"):
             register_fsdp_forward_method(self, method)
+
+
+def _detached(value):
+    return [v.detach().clone() for v in value] if isinstance(value, list) else value.detach().clone()
 
 
 def rename_keys(state: dict[str, Any], renames: Iterable[tuple[str, str]]) -> dict[str, Any]:

@@ -12,6 +12,10 @@ Two things the zoo adds to Lightning's CLI:
 - Data-to-model links owned by the data: a data module's ``model_links`` (``{attribute: model
   argument}``) feed values the data determines into the model, for each argument the chosen model's
   ``__init__`` takes; a model without that argument never sees it.
+- Exact resume by default (``zoo.resume``): every ``zoo fit`` writes ``last.ckpt`` every
+  ``--resume.every_n_train_steps`` optimizer steps, at validation ends and on ``SIGTERM``/``SIGUSR1``, with
+  the generator states; ``--ckpt_path last`` picks the newest run's ``last.ckpt`` and a fit resumed from a
+  run's checkpoint goes on logging and checkpointing in that run's folder.
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from zoo.checkpointing import CheckpointError, load_checkpoint_file
+from zoo.errors import MissingFileError
+from zoo.loggers import ResumableCSVLogger
 from zoo.predict import RecordPredictionWriter
 from zoo.progress import ZooProgressBar, fit_summary
 from zoo.registry import import_class, import_named_classes, resolve_config
+from zoo.resume import ResumeCheckpoint, ResumeState, find_last_checkpoint
 from zoo.threads import choose_threads
 
 __all__ = ["ZooCLI", "expand_overlays", "linked_model_arguments", "prepare_arguments", "run"]
@@ -121,6 +129,7 @@ class ZooCLI(LightningCLI):
             },
         )
         self._started = time.perf_counter()
+        self._resume_step: int | None = None
         command_line = kwargs.pop("args", None)
         if command_line is None and not args:
             command_line = sys.argv[1:]
@@ -135,6 +144,8 @@ class ZooCLI(LightningCLI):
             default=None,
             help="Base config(s) of an overlay, relative to it; read first (resolved before parsing).",
         )
+        # ``--resume.every_n_train_steps``: added to every fit's callbacks (``_instantiate_trainer``), not listed
+        parser.add_class_arguments(ResumeCheckpoint, "resume", fail_untyped=False)
 
     def parse_arguments(self, parser, args) -> None:
         """Lightning's, without its warning about ``args`` next to ``sys.argv``: the zoo always passes the
@@ -144,21 +155,37 @@ class ZooCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning merges a ``--ckpt_path`` checkpoint's hyper-parameters into the model's config; here they
-        are upgraded by the model class first, so checkpoints of earlier versions evaluate and resume too."""
+        """Lightning merges a ``--ckpt_path`` checkpoint's hyper-parameters into the model's config; here
+        ``last`` names the newest ``last.ckpt`` under the root directory, an unusable file or one written by
+        another model is the zoo's error naming it, and hyper-parameters are upgraded by the model class first,
+        so checkpoints of earlier versions evaluate and resume too."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path:
             return
-        from zoo.checkpointing import load_checkpoint_file
-
-        hparams = dict(load_checkpoint_file(ckpt_path, weights_only=True).get("hyper_parameters") or {})
+        if ckpt_path == "last":
+            root = self.config[subcommand].trainer.get("default_root_dir") or "runs"
+            found = find_last_checkpoint(root)
+            if found is None:
+                raise MissingFileError(
+                    f"--ckpt_path last: no run under {str(root)!r} has a checkpoints/last.ckpt to resume; "
+                    "start without --ckpt_path, or give the checkpoint's path"
+                )
+            ckpt_path = self.config[subcommand].ckpt_path = str(found)
+        if not Path(ckpt_path).exists():
+            raise MissingFileError(f"--ckpt_path {ckpt_path}: no such file")
+        if not Path(ckpt_path).is_file():
+            return  # a sharded checkpoint directory: Lightning's strategy reads it
+        checkpoint = load_checkpoint_file(ckpt_path, weights_only=True)
+        self._resume_step = checkpoint.get("global_step")
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams:
             return
         class_path = hparams.pop("_class_path", None)
         if class_path is not None:
             model_class = import_class(class_path)
+            _check_same_model(ckpt_path, model_class, self.config[subcommand].get("model"))
             if hasattr(model_class, "upgrade_hyperparameters"):
                 hparams = model_class.upgrade_hyperparameters(hparams)
             hparams = {"class_path": class_path, "dict_kwargs": hparams}
@@ -200,14 +227,24 @@ class ZooCLI(LightningCLI):
         writer."""
         if config.get("logger") in (None, True):  # Lightning's default, chosen here without its warning
             config["logger"] = _default_logger(config.get("default_root_dir") or "runs")
+            self._default_logger_chosen = True
         configured = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in configured
         ):
             callbacks = [*callbacks, ZooProgressBar()]
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        run = _run_folder(ckpt_path)
+        if self.subcommand == "fit":
+            if run is not None and self._logs_by_default(config):  # the resumed run goes on in its folder
+                config["logger"] = _default_logger(
+                    run.parent.parent, run.parent.name, version=run.name, resume_step=self._resume_step
+                )
+            callbacks = [
+                *callbacks,
+                *_resume_callbacks(config, configured, self._get(self.config_init, "resume")),
+            ]
         if self.subcommand in ("validate", "test", "predict"):
-            ckpt_path = self.config[self.subcommand].get("ckpt_path")
-            run = _run_folder(ckpt_path)
             if run is not None and config.get("logger"):
                 config["logger"] = _default_logger(run, name=self.subcommand)
             for callback in configured:  # they save nothing here: point them where the fit saved, as it did
@@ -217,6 +254,9 @@ class ZooCLI(LightningCLI):
             callbacks = [*callbacks, RecordPredictionWriter()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def _logs_by_default(self, config: dict) -> bool:
+        return getattr(self, "_default_logger_chosen", False) and config.get("logger") is not False
+
     def after_fit(self) -> None:
         summary = fit_summary(
             self.trainer, time.perf_counter() - self._started
@@ -225,11 +265,41 @@ class ZooCLI(LightningCLI):
             print("\n" + summary, flush=True)
 
 
-def _default_logger(save_dir: str | Path, name: str = "lightning_logs") -> Logger:
-    """TensorBoard when it is installed, else CSV files: Lightning's choice, made without its warning."""
+def _default_logger(
+    save_dir: str | Path,
+    name: str = "lightning_logs",
+    version: str | None = None,
+    resume_step: int | None = None,
+) -> Logger:
+    """TensorBoard when it is installed, else CSV files: Lightning's choice, made without its warning. A resumed
+    run continues its log from the checkpoint (TensorBoard drops the later events, the CSV file its rows)."""
     if importlib.util.find_spec("tensorboard"):
-        return TensorBoardLogger(save_dir=save_dir, name=name)
-    return CSVLogger(save_dir=save_dir, name=name)
+        return TensorBoardLogger(save_dir=save_dir, name=name, version=version, purge_step=resume_step)
+    return ResumableCSVLogger(save_dir=save_dir, name=name, version=version)
+
+
+def _resume_callbacks(config: dict, configured: list, resume: ResumeCheckpoint) -> list:
+    """What every fit needs to resume exactly, unless checkpointing is off or the config added its own."""
+    if config.get("enable_checkpointing") is False:
+        return []
+    added = []
+    if not any(isinstance(c, ResumeCheckpoint) for c in configured):
+        added.append(resume)
+    if not any(isinstance(c, ResumeState) for c in configured):
+        added.append(ResumeState())
+    return added
+
+
+def _check_same_model(ckpt_path: str, written_by: type, configured: Namespace | None) -> None:
+    """A checkpoint of another model class is an error naming both, before anything is built from it."""
+    if configured is None or not configured.get("class_path"):
+        return
+    model_class = import_class(configured.class_path)
+    if not (issubclass(written_by, model_class) or issubclass(model_class, written_by)):
+        raise CheckpointError(
+            f"{ckpt_path} holds a {written_by.__name__} checkpoint, but the config trains a "
+            f"{model_class.__name__}: pass that model's config, or a checkpoint this model wrote"
+        )
 
 
 def _run_folder(ckpt_path: str | None) -> Path | None:

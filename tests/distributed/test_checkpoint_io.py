@@ -11,7 +11,6 @@ from zoo import checkpointing
 from zoo.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
-    ResumableDataLoader,
     check_checkpoint_matches,
 )
 
@@ -112,26 +111,6 @@ def test_mismatched_checkpoint_lists_every_difference():
     assert "not in the model: extra.scale" in message
     assert "encoder.bias" not in message
     check_checkpoint_matches(model, dict(model), "same.ckpt")  # a matching one passes silently
-
-
-def test_resumable_loader_skips_consumed_batches_and_keeps_full_length():
-    """The resumed epoch yields exactly the batches the interrupted one had left; ``len`` stays the epoch's."""
-    data = torch.arange(48.0)
-    reference = [b.tolist() for b in ResumableDataLoader(data, batch_size=8, shuffle=True, seed=3)]
-    loader = ResumableDataLoader(data, batch_size=8, shuffle=True, seed=3)
-    iterator = iter(loader)
-    for _ in range(4):
-        next(iterator)
-    state = loader.state_dict()
-    assert state == {"batches_yielded": 4}
-
-    resumed = ResumableDataLoader(data, batch_size=8, shuffle=True, seed=3)
-    resumed.load_state_dict(state)
-    rest = iter(resumed)
-    assert len(resumed) == 6  # Lightning keeps this as the epoch length for every later epoch
-    assert [b.tolist() for b in rest] == reference[4:]
-    assert resumed.state_dict() == {"batches_yielded": 6}
-    assert [b.tolist() for b in resumed] == reference  # the next iteration is a whole epoch again
 
 
 def test_resuming_from_another_models_checkpoint_names_the_differences(tmp_path, tiny_image_data):

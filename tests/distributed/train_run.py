@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from zoo.callbacks import EMA
-from zoo.checkpointing import AtomicCheckpointIO, ResumableDataLoader, ResumeState
+from zoo.checkpointing import AtomicCheckpointIO
+from zoo.resume import ResumableDataLoader, ResumeState
 from zoo.diffusion import LatentDiffusion
 from zoo.multitask import MultitaskModule
 from zoo.multitask.tasks import GENERATION, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, TaskSpec

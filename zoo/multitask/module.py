@@ -348,6 +348,7 @@ class MultitaskModule(ZooModule):
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[WEIGHTING_KEY] = self.weighting.config()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

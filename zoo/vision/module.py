@@ -350,6 +350,7 @@ class VisualPromptTuning(ImageClassificationModule):
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only prompts and head when the frozen backbone can be re-read from its file."""
+        super().on_save_checkpoint(checkpoint)
         if not self.backbone_from_file:
             return
         state = checkpoint["state_dict"]

@@ -1,0 +1,422 @@
+"""Exact resume after a kill: where the data stood, what the random generators held, and a recent ``last.ckpt``.
+
+Lightning restores weights, optimizers, schedulers, loops and callback states; three things it leaves open
+are built here, and ``zoo fit`` adds them to every run (``zoo.cli``):
+
+- ``ResumableDataLoader``: a ``DataLoader`` that records how many batches of the epoch were consumed and skips
+  them on resume at the index level (no sample is loaded twice). Its order depends only on ``(seed, epoch)``,
+  and every sample is loaded under generators seeded by ``(seed, epoch, index)``, so augmentations are the
+  same after a resume, with any number of workers, as in the run that was killed. The zoo's own loader rather
+  than torchdata's ``StatefulDataLoader``: that one snapshots worker and sampler states but draws
+  augmentations from whatever the generators hold, so a resumed epoch is not the interrupted one, and it
+  would be one more dependency; index-level skipping needs only samplers that are functions of the epoch,
+  which every sampler in the zoo is (token budgets, resolution buckets, the multitask plan).
+- ``ResumeState``: the torch / numpy / python generator states, restored right before the first resumed batch
+  (model-side randomness: masking, dropout, noise).
+- ``ResumeCheckpoint``: ``last.ckpt`` every ``every_n_train_steps`` optimizer steps, at every validation (or
+  epoch) end, and when the job is told to stop (``SIGTERM``: save, then Lightning exits cleanly) or to save
+  (``SIGUSR1``: save and go on). ``find_last_checkpoint`` is what ``zoo fit --ckpt_path last`` resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+
+from zoo.loggers import ResumableCSVLogger
+
+__all__ = [
+    "ResumableDataLoader",
+    "ResumeCheckpoint",
+    "ResumeState",
+    "SeededSampler",
+    "find_last_checkpoint",
+]
+
+LAST = "last.ckpt"
+
+
+# ------------------------------------------------------------------------------------------ data order
+class SeededSampler(RandomSampler):
+    """A permutation drawn from ``(seed, epoch)`` alone (like ``DistributedSampler`` on one process).
+
+    ``RandomSampler`` draws its seed from torch's global generator when the epoch starts, which a resumed
+    run cannot reproduce; Lightning calls ``set_epoch`` at every epoch start. A ``RandomSampler`` subclass, so
+    Lightning knows the loader shuffles and gives DDP ranks a shuffling ``DistributedSampler``.
+    """
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
+        super().__init__(range(size))
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _mix(*values) -> int:
+    """One 63-bit seed from several integers (splitmix64 steps): neighbouring indices get unrelated seeds.
+
+    A key that is not an integer (the multitask ``(task, index)`` pairs) counts by a digest of its ``repr``:
+    python's own ``hash`` of strings differs between processes."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        if not isinstance(value, int):
+            value = int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little")
+        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return state >> 1
+
+
+@contextlib.contextmanager
+def seeded_generators(seed: int):
+    """Run a block with torch, numpy and python generators seeded by ``seed``, then put their states back."""
+    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.manual_seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+
+
+class SeededSamples:
+    """A map-style dataset read with keys ``(epoch, index)``: each sample's augmentation draws from
+    generators seeded by ``(seed, epoch, index)``, whichever process loads it and whenever."""
+
+    def __init__(self, dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with seeded_generators(_mix(self.seed, epoch, index)):
+            return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # keep DataLoader's ``__getitems__`` probe off the wrapped dataset
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class _Resumed:
+    """The loader's index sampler (a sampler or batch sampler) with its first ``skip`` items dropped without
+    loading anything, and, where samples are seeded, each index tagged with the epoch."""
+
+    def __init__(self, sampler, skip: int, epoch: int | None) -> None:
+        self.sampler, self.skip, self.epoch = sampler, skip, epoch
+
+    def _tag(self, item):
+        if isinstance(item, list):
+            return [(self.epoch, index) for index in item]
+        return (self.epoch, item)
+
+    def __iter__(self):
+        iterator = iter(self.sampler)
+        for _ in range(self.skip):
+            next(iterator, None)
+        if self.epoch is None:
+            return iterator
+        return map(self._tag, iterator)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position within the epoch is checkpointed by Lightning and restored on resume.
+
+    ``shuffle=True`` uses a ``SeededSampler(seed)``; under DDP Lightning swaps in its own ``DistributedSampler``
+    seeded by ``seed_everything``, which is also ``seed``'s default, so a global batch holds the same samples
+    on one process and on several. With ``seed_samples`` (the default, for map-style datasets) every sample is
+    loaded under generators seeded by ``(seed, epoch, index)`` (``SeededSamples``), and the workers' base seed
+    comes from ``(seed, epoch)``, not from the global generator. The position counts batches handed to the
+    training loop; with ``num_workers > 0`` the skipped batches are never fetched either.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        *args: Any,
+        shuffle: bool | None = None,
+        seed: int | None = None,
+        seed_samples: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if seed is None:  # the seed Lightning gives its DistributedSampler: one order for 1 and N processes
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if shuffle and kwargs.get("sampler") is None and kwargs.get("batch_sampler") is None and not args:
+            kwargs["sampler"] = SeededSampler(len(dataset), seed=seed)
+            shuffle = None
+        seeded = seed_samples and not isinstance(dataset, IterableDataset)
+        if seeded and not isinstance(dataset, SeededSamples):
+            dataset = SeededSamples(dataset, seed)
+        super().__init__(dataset, *args, shuffle=shuffle, **kwargs)
+        self.seed, self._seeded = seed, seeded
+        self._yielded = 0
+        self._skip = 0  # batches to drop at the next iteration (set by load_state_dict)
+        self._skipping = 0  # batches dropped by the current iteration
+
+    def _epoch(self) -> int:
+        """The epoch Lightning last gave the sampler (``set_epoch``), which defines this pass's order."""
+        for sampler in (getattr(self.batch_sampler, "sampler", None), self.sampler):
+            epoch = getattr(sampler, "epoch", None)
+            if isinstance(epoch, int):
+                return epoch
+        return 0
+
+    @property
+    def _index_sampler(self):
+        sampler = super()._index_sampler
+        if not (self._skipping or self._seeded):
+            return sampler
+        return _Resumed(sampler, self._skipping, self._epoch() if self._seeded else None)
+
+    def __iter__(self):
+        self._skipping, self._skip = self._skip, 0
+        self._yielded = self._skipping
+        if self._seeded:  # workers' base seed from (seed, epoch): nothing drawn from the global generator
+            self.generator = torch.Generator().manual_seed(_mix(self.seed, self._epoch()))
+        return self._count(super().__iter__())
+
+    def _count(self, iterator):
+        for batch in iterator:
+            self._yielded += 1
+            yield batch
+        self._skipping = 0
+
+    def __len__(self) -> int:
+        """The whole epoch's batch count, also while a resumed epoch skips its first batches.
+
+        Lightning reads ``len()`` right after ``iter()`` and keeps it as ``num_training_batches`` for every
+        later epoch; its batch counter resumes at the checkpoint's position, so the resumed epoch ends when
+        the counter reaches the full length. A shortened length here would end every later epoch early.
+        """
+        skipping, self._skipping = self._skipping, 0
+        try:
+            return super().__len__()
+        finally:
+            self._skipping = skipping
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_yielded": self._yielded, "epoch": self._epoch()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Also gives the samplers the checkpoint's epoch: Lightning builds the resumed iterator (and fetches its
+        first batch) before its own ``set_epoch`` call, which would otherwise come too late for that epoch."""
+        self._skip = int(state["batches_yielded"])
+        if "epoch" in state:
+            _set_sampler_epoch(self, int(state["epoch"]))
+
+
+# ------------------------------------------------------------------------------------------ RNG state
+class ResumeState(Callback):
+    """Checkpoints the generators' states and restores them just before the first resumed training batch.
+
+    Not at load time: building the data iterator and fetching the first batch happen in between. Every rank
+    is seeded alike by ``seed_everything`` and draws alike, so the saving rank's state serves all.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        return {  # plain tensors, ints and tuples only, so ``torch.load(weights_only=True)`` reads it
+            "torch": torch.get_rng_state(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Gives the training loaders the checkpoint's position if Lightning has not.
+
+        A module whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (any schedule
+        sized by the run: one-cycle, cosine with warmup) makes Lightning build the training loader before it
+        restores the checkpoint; the loader's saved position is then never loaded and the resumed epoch would
+        start from its first batch. Here the position is loaded and the iterator rebuilt before any batch.
+        """
+        loop = trainer.fit_loop
+        states = getattr(loop, "_combined_loader_states_to_load", None)
+        if not states or loop._combined_loader is None or loop._data_fetcher is None:
+            return
+        loop._combined_loader._load_state_dicts(states)
+        loop._combined_loader_states_to_load = []
+        iter(loop._data_fetcher)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        random.setstate(state["python"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------ last.ckpt
+class ResumeCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, kept fresh enough that a kill loses at most ``every_n_train_steps`` optimizer steps.
+
+    Saved every ``every_n_train_steps`` steps (``0``: only at epoch ends), after every validation (or at the
+    epoch's end when no validation follows), at the end of training, and at the end of the current step when
+    the process receives ``SIGTERM`` (then Lightning stops the run and the process exits with status 0) or
+    ``SIGUSR1`` (training goes on). Under several processes the ranks agree on the step to save at. Best-model
+    checkpoints stay the job of a monitoring ``ModelCheckpoint`` in the config.
+    """
+
+    def __init__(self, every_n_train_steps: int = 200, dirpath: str | None = None) -> None:
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        super().__init__(
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=every_n_train_steps or None,
+            enable_version_counter=False,
+        )
+        self._save_requested = threading.Event()
+        self._previous_handler: Any = None
+        self._trainer = None
+        self._log_rows: list[int | None] | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning's, plus how many rows each CSV logger had written: a resumed run's log goes on from there."""
+        state = super().state_dict()
+        if self._trainer is not None and self._trainer.is_global_zero:
+            state["log_rows"] = [
+                logger.position() if isinstance(logger, ResumableCSVLogger) else None
+                for logger in self._trainer.loggers
+            ]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._log_rows = state_dict.get("log_rows")
+        super().load_state_dict(state_dict)
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__name__
+
+    # ---------------------------------------------------------------- signals
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Rewinds a resumed run's CSV log to the checkpoint, and listens for ``SIGUSR1``: after Lightning's own
+        handlers (SLURM's requeue), which this one then calls too."""
+        if self._log_rows and trainer.is_global_zero:
+            for logger, rows in zip(trainer.loggers, self._log_rows):
+                if rows is not None and isinstance(logger, ResumableCSVLogger):
+                    logger.rewind(rows)
+        self._log_rows = None
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGUSR1, self._on_sigusr1)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._previous_handler = None
+        super().teardown(trainer, pl_module, stage)
+
+    def _on_sigusr1(self, signum, frame) -> None:
+        self._save_requested.set()
+        if callable(self._previous_handler):  # e.g. Lightning's SLURM requeue handler
+            self._previous_handler(signum, frame)
+
+    def _asked_to_save(self, trainer) -> bool:
+        asked = self._save_requested.is_set() or trainer.received_sigterm
+        if trainer.world_size > 1:  # one rank got the signal: every rank saves at this step
+            asked = trainer.strategy.reduce_boolean_decision(asked, all=False)
+        return asked
+
+    # ---------------------------------------------------------------- saving
+    def _fitting(self, trainer) -> bool:
+        return (
+            not trainer.fast_dev_run and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING
+        )
+
+    def _save_last(self, trainer, reason: str | None = None) -> None:
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if reason:
+            rank_zero_info(
+                f"{reason}: saved {self.last_model_path} at step {trainer.global_step}; "
+                "`zoo fit ... --ckpt_path last` resumes from it"
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        asked = self._asked_to_save(trainer)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or not self._fitting(trainer):
+            return  # the epoch's last step is saved after its validation, with the loops in their end state
+        if asked:
+            self._save_requested.clear()
+            self._save_last(trainer, "SIGTERM" if trainer.received_sigterm else "SIGUSR1")
+        else:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._fitting(trainer):
+            self._save_last(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._fitting(trainer) and not _validates_after(trainer):
+            self._save_last(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A ``SIGTERM`` that arrived during validation or at an epoch's last step: save where the run is."""
+        unsaved = self._last_global_step_saved != trainer.global_step
+        if isinstance(exception, SIGTERMException) and unsaved and self._fitting(trainer):
+            self._save_last(trainer, "SIGTERM")
+
+
+def _validates_after(trainer) -> bool:
+    """Whether a validation runs at the end of the current epoch (the checkpoint is then written after it)."""
+    if not trainer.enable_validation or not sum(trainer.num_val_batches or [0]):
+        return False
+    every = trainer.check_val_every_n_epoch
+    return every is None or (trainer.current_epoch + 1) % every == 0
+
+
+def find_last_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest ``last.ckpt`` (file, or sharded directory) under ``root``, by modification time."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates = [path for path in root.rglob(LAST) if path.parent.name == "checkpoints"]
+    return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
