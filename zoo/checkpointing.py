@@ -70,6 +70,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a process killed before its rename
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint_file(

@@ -1,10 +1,10 @@
 """A CSV logger that a resumed run continues, so its ``metrics.csv`` reads as if the run had never stopped.
 
-Lightning's ``CSVLogger`` deletes ``metrics.csv`` when its folder is reused and buffers rows until a flush, so
-a killed run that resumes in its own folder loses every row logged before the kill. Here the rows written
-when a checkpoint was saved are counted (``position``, stored by ``zoo.resume.ResumeCheckpoint``), and the
-resumed run cuts the file back to that count (``rewind``) before it logs again: the rows a kill lost or that
-the resumed run logs a second time appear once, in order.
+Lightning's ``CSVLogger`` deletes ``metrics.csv`` when its folder is reused and buffers a hundred steps of rows,
+so a killed run that resumes in its own folder loses every row logged before the kill. Here rows reach the
+file at every step, and a resumed run first cuts the file back to the rows logged before its checkpoint's
+step (``rewind``, called by ``zoo.resume.ResumeCheckpoint``): Lightning logs a step's rows under the number of
+steps taken before it, and the resumed run logs every later step again, so each row appears once, in order.
 """
 
 from __future__ import annotations
@@ -35,23 +35,22 @@ class _ContinuedWriter(ExperimentWriter):
             rows = list(reader)
             return list(reader.fieldnames or []), rows
 
-    def rows_written(self) -> int:
+    def keep_steps_before(self, step: int) -> None:
         self.save()
-        return len(self._read()[1]) if self._fs.isfile(self.metrics_file_path) else 0
-
-    def keep_rows(self, count: int) -> None:
-        self.metrics = []
         if not self._fs.isfile(self.metrics_file_path):
             return
         fieldnames, rows = self._read()
         with self._fs.open(self.metrics_file_path, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=fieldnames)
             writer.writeheader()
-            writer.writerows(rows[:count])
+            writer.writerows(row for row in rows if int(row["step"]) < step)
 
 
 class ResumableCSVLogger(CSVLogger):
-    """``CSVLogger`` whose file a resumed run continues from the checkpoint's row (see the module)."""
+    """``CSVLogger`` whose file a resumed run continues from its checkpoint's step (see the module)."""
+
+    def __init__(self, *args, flush_logs_every_n_steps: int = 1, **kwargs) -> None:
+        super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
 
     @property
     @rank_zero_experiment
@@ -61,10 +60,6 @@ class ResumableCSVLogger(CSVLogger):
             self._experiment = _ContinuedWriter(log_dir=self.log_dir)
         return self._experiment
 
-    def position(self) -> int:
-        """Rows on disk after flushing what is buffered (called as a checkpoint is saved)."""
-        return self.experiment.rows_written()
-
-    def rewind(self, rows: int) -> None:
-        """Cut ``metrics.csv`` back to its first ``rows`` rows (what was logged when the checkpoint was saved)."""
-        self.experiment.keep_rows(rows)
+    def rewind(self, step: int) -> None:
+        """Keep the rows logged before optimizer step ``step`` (a resumed run's checkpoint)."""
+        self.experiment.keep_steps_before(step)

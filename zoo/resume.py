@@ -13,8 +13,8 @@ are built here, and ``zoo fit`` adds them to every run (``zoo.cli``):
   which every sampler in the zoo is (token budgets, resolution buckets, the multitask plan).
 - ``ResumeState``: the torch / numpy / python generator states, restored right before the first resumed batch
   (model-side randomness: masking, dropout, noise).
-- ``ResumeCheckpoint``: ``last.ckpt`` every ``every_n_train_steps`` optimizer steps, at every validation (or
-  epoch) end, and when the job is told to stop (``SIGTERM``: save, then Lightning exits cleanly) or to save
+- ``ResumeCheckpoint``: ``last.ckpt`` every ``every_n_train_steps`` optimizer steps, at every epoch's end (and
+  after a validation inside an epoch), and when the job is told to stop (``SIGTERM``: save, then Lightning exits cleanly) or to save
   (``SIGUSR1``: save and go on). ``find_last_checkpoint`` is what ``zoo fit --ckpt_path last`` resumes.
 """
 
@@ -24,21 +24,25 @@ import contextlib
 import hashlib
 import os
 import random
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import numpy as np
 import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
+from zoo.checkpointing import _fsync_directory
 from zoo.loggers import ResumableCSVLogger
 
 __all__ = [
@@ -50,6 +54,8 @@ __all__ = [
 ]
 
 LAST = "last.ckpt"
+# Beside a sharded ``last.ckpt`` directory: the one being written, and the one being replaced (see ``_put_in_place``).
+PARTIAL, PREVIOUS = f".{LAST}.partial", f".{LAST}.previous"
 
 
 # ------------------------------------------------------------------------------------------ data order
@@ -234,8 +240,11 @@ class ResumableDataLoader(DataLoader):
         """Also gives the samplers the checkpoint's epoch: Lightning builds the resumed iterator (and fetches its
         first batch) before its own ``set_epoch`` call, which would otherwise come too late for that epoch."""
         self._skip = int(state["batches_yielded"])
-        if "epoch" in state:
-            _set_sampler_epoch(self, int(state["epoch"]))
+        epoch = state.get("epoch")
+        if self._skip >= len(self):  # saved at an epoch's end: the position is the next epoch's start
+            self._skip, epoch = 0, None if epoch is None else epoch + 1
+        if epoch is not None:
+            _set_sampler_epoch(self, int(epoch))
 
 
 # ------------------------------------------------------------------------------------------ RNG state
@@ -293,8 +302,8 @@ class ResumeState(Callback):
 class ResumeCheckpoint(ModelCheckpoint):
     """``last.ckpt``, kept fresh enough that a kill loses at most ``every_n_train_steps`` optimizer steps.
 
-    Saved every ``every_n_train_steps`` steps (``0``: only at epoch ends), after every validation (or at the
-    epoch's end when no validation follows), at the end of training, and at the end of the current step when
+    Saved every ``every_n_train_steps`` steps (``0``: only at epoch ends), at every epoch's end and after every
+    validation inside an epoch, at the end of training, and at the end of the current step when
     the process receives ``SIGTERM`` (then Lightning stops the run and the process exits with status 0) or
     ``SIGUSR1`` (training goes on). Under several processes the ranks agree on the step to save at. Best-model
     checkpoints stay the job of a monitoring ``ModelCheckpoint`` in the config.
@@ -312,26 +321,6 @@ class ResumeCheckpoint(ModelCheckpoint):
         )
         self._save_requested = threading.Event()
         self._previous_handler: Any = None
-        self._trainer = None
-        self._log_rows: list[int | None] | None = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._trainer = trainer
-
-    def state_dict(self) -> dict[str, Any]:
-        """Lightning's, plus how many rows each CSV logger had written: a resumed run's log goes on from there."""
-        state = super().state_dict()
-        if self._trainer is not None and self._trainer.is_global_zero:
-            state["log_rows"] = [
-                logger.position() if isinstance(logger, ResumableCSVLogger) else None
-                for logger in self._trainer.loggers
-            ]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._log_rows = state_dict.get("log_rows")
-        super().load_state_dict(state_dict)
 
     @property
     def state_key(self) -> str:
@@ -339,13 +328,12 @@ class ResumeCheckpoint(ModelCheckpoint):
 
     # ---------------------------------------------------------------- signals
     def on_train_start(self, trainer, pl_module) -> None:
-        """Rewinds a resumed run's CSV log to the checkpoint, and listens for ``SIGUSR1``: after Lightning's own
-        handlers (SLURM's requeue), which this one then calls too."""
-        if self._log_rows and trainer.is_global_zero:
-            for logger, rows in zip(trainer.loggers, self._log_rows):
-                if rows is not None and isinstance(logger, ResumableCSVLogger):
-                    logger.rewind(rows)
-        self._log_rows = None
+        """Cuts a resumed run's CSV log back to the checkpoint's step (the rows after it are logged again), and
+        listens for ``SIGUSR1``: after Lightning's own handlers (SLURM's requeue), which this one then calls too."""
+        if trainer.ckpt_path is not None and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, ResumableCSVLogger):
+                    logger.rewind(trainer.global_step)
         if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
@@ -391,11 +379,14 @@ class ResumeCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self._fitting(trainer):
+        """A validation inside the epoch (``val_check_interval < 1``); the epoch's last one is saved with it."""
+        if self._fitting(trainer) and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save_last(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._fitting(trainer) and not _validates_after(trainer):
+        """After validation and every other callback's epoch end (this one runs last): Lightning's own point for
+        epoch checkpoints, so best-model callbacks have recorded the epoch's score in what is saved."""
+        if self._fitting(trainer):
             self._save_last(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -404,19 +395,79 @@ class ResumeCheckpoint(ModelCheckpoint):
         if isinstance(exception, SIGTERMException) and unsaved and self._fitting(trainer):
             self._save_last(trainer, "SIGTERM")
 
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        """A checkpoint the strategy writes as a directory of shards (FSDP2, sharded FSDP, DeepSpeed) is written
+        beside ``last.ckpt`` and put in its place once every rank has written its part.
 
-def _validates_after(trainer) -> bool:
-    """Whether a validation runs at the end of the current epoch (the checkpoint is then written after it)."""
-    if not trainer.enable_validation or not sum(trainer.num_val_batches or [0]):
-        return False
-    every = trainer.check_val_every_n_epoch
-    return every is None or (trainer.current_epoch + 1) % every == 0
+        Those strategies write into an existing directory in place: a rank killed mid-save would leave new
+        shards next to the old ones and the old metadata, a checkpoint of no step that may still load. Here
+        rank 0 clears ``.last.ckpt.partial``, all ranks write into it, and rank 0 swaps it in
+        (``_put_in_place``): a kill at any moment leaves the previous complete checkpoint to resume from.
+        """
+        if not isinstance(trainer.strategy, _DIRECTORY_STRATEGIES) or "://" in str(filepath):
+            return super()._save_checkpoint(trainer, filepath)
+        target = Path(filepath)
+        partial = target.with_name(PARTIAL)
+        if trainer.is_global_zero:
+            _remove(partial)  # left by a save that was killed
+        trainer.strategy.barrier("ResumeCheckpoint.clear")
+        # Trainer.save_checkpoint ends with a barrier: every rank's shards are written when it returns
+        trainer.save_checkpoint(str(partial), self.save_weights_only)
+        if trainer.is_global_zero:
+            _put_in_place(partial, target)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+# may write a checkpoint as a directory; each also writes single files in some settings (``_put_in_place``)
+_DIRECTORY_STRATEGIES = (ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _put_in_place(written: Path, target: Path) -> None:
+    """Move the complete checkpoint ``written`` (a file or directory) to ``target``, replacing what is there.
+
+    A file replaces in one atomic ``os.replace``. A directory cannot replace another in one step: the old one
+    is renamed to ``.last.ckpt.previous`` first, then ``written`` to ``target``, then the old one is removed;
+    between the two renames ``find_last_checkpoint`` resumes the previous one. Everything is fsynced before
+    it is moved: the new checkpoint is complete on disk before it replaces the old one.
+    """
+    for folder, _, files in os.walk(written) if written.is_dir() else ():
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_directory(Path(folder))
+    previous = target.with_name(PREVIOUS)
+    if target.is_dir() and not target.is_symlink():
+        _remove(previous)
+        os.replace(target, previous)
+    elif written.is_dir() and (target.exists() or target.is_symlink()):
+        target.unlink()  # a single file in the way: an earlier run of another strategy
+    os.replace(written, target)
+    _fsync_directory(target.parent)
+    _remove(previous)
 
 
 def find_last_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest ``last.ckpt`` (file, or sharded directory) under ``root``, by modification time."""
+    """The newest ``last.ckpt`` (file, or sharded directory) under ``root``, by modification time; in a
+    ``checkpoints`` folder whose sharded ``last.ckpt`` was being replaced when the run was killed (between
+    the two renames of ``_put_in_place``), the complete previous one, ``.last.ckpt.previous``."""
     root = Path(root)
     if not root.is_dir():
         return None
     candidates = [path for path in root.rglob(LAST) if path.parent.name == "checkpoints"]
+    candidates += [
+        path
+        for path in root.rglob(PREVIOUS)
+        if path.parent.name == "checkpoints" and not (path.parent / LAST).exists()
+    ]
     return max(candidates, key=lambda path: path.stat().st_mtime, default=None)

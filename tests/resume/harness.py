@@ -88,7 +88,7 @@ def assert_same_end(resumed_root: Path, reference_root: Path, atol: float = 0.0)
         _equal(resumed.get(key), reference.get(key), key, atol)
     for name, state in reference["callbacks"].items():
         assert name in resumed["callbacks"], f"callback state {name} missing after resume"
-        kept = {k: v for k, v in state.items() if k not in UNCOMPARED_CALLBACK_KEYS | {"log_rows"}}
+        kept = {k: v for k, v in state.items() if k not in UNCOMPARED_CALLBACK_KEYS}
         other = {k: v for k, v in resumed["callbacks"][name].items() if k in kept}
         _equal(other, kept, f"callbacks[{name}]", atol)
     rows, expected = logged_rows(resumed_root), logged_rows(reference_root)
