@@ -7,7 +7,7 @@
 - ``Distillation`` / ``SelfDistillation``: knowledge distillation from a fixed teacher (``soft``, ``hard``,
   ``deit``) or from an EMA of the student.
 - ``TrainingMonitor``: gradient/weight/update statistics, throughput and memory; NaN/Inf, loss-spike,
-  exploding/vanishing-gradient, dead-parameter and data checks with ``warn`` / ``skip_step`` / ``stop``;
+  exploding/vanishing-gradient, dead-parameter and data checks with ``warn`` / ``skip_step`` / ``rollback`` / ``stop``;
   a JSON + Markdown report at fit end.
 - ``zoo.callbacks.compression`` (``MagnitudePruning``, ``StructuredPruning``, ``Quantization``, ``WeightSharing``,
   also exported here): pruning with a cubic schedule, heads/MLP units/blocks/conv channels physically removed,

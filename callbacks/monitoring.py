@@ -42,7 +42,8 @@ __all__ = ["TrainingMonitor"]
 
 Action = Literal["warn", "skip_step", "rollback", "stop"]
 ACTIONS = get_args(Action)
-ACTIONABLE = ("nan_loss", "nan_grad", "loss_spike", "exploding_grad")  # acted on before the optimizer step
+# acted on before the optimizer step; "other_rank": another process saw one of the others at this step
+ACTIONABLE = ("nan_loss", "nan_grad", "loss_spike", "exploding_grad", "other_rank")
 NON_FINITE = ("nan_loss", "nan_grad")  # traced to the first non-finite module or gradient
 # What a checkpoint carries (plain python types: loadable with ``torch.load(weights_only=True)``).
 STATE = (
@@ -68,6 +69,7 @@ RECOMMENDATIONS = {
     "vanishing_grad": "Vanishing gradients: check the initialisation, normalisation layers and the learning rate.",
     "dead_params": "Parameters with zero gradient: check they are used in forward (or freeze them on purpose).",
     "data": "Suspicious input data: check normalisation and the label distribution.",
+    "other_rank": "Another process met an anomaly at this step: its report (or its warning) names it.",
 }
 
 
@@ -500,6 +502,13 @@ class TrainingMonitor(Callback):
     def _act(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         pending, self._pending = self._pending, []
         actionable = [a for a in pending if a["kind"] in ACTIONABLE]
+        if trainer.world_size > 1 and self.action != "warn":
+            # every process acts alike (a loss spike is seen per process), or the replicas would drift apart
+            anywhere = trainer.strategy.reduce_boolean_decision(bool(actionable), all=False)
+            if anywhere and not actionable:
+                self._record(trainer, "other_rank", "another process met an anomaly at this step")
+                actionable = self._pending[-1:]
+                self._pending = []
         if not actionable:
             self._count_healthy_step(trainer, pl_module)
             return
