@@ -369,14 +369,19 @@ class ResumeCheckpoint(ModelCheckpoint):
             )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        """The interval's save (counted in optimizer steps, also under manual optimization) or a signal's."""
         asked = self._asked_to_save(trainer)
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or not self._fitting(trainer):
-            return  # the epoch's last step is saved after its validation, with the loops in their end state
+            return  # the epoch's last step is saved at the epoch's end, with the loops in their end state
         if asked:
             self._save_requested.clear()
             self._save_last(trainer, "SIGTERM" if trainer.received_sigterm else "SIGUSR1")
-        else:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif (
+            self._every_n_train_steps
+            and trainer.global_step % self._every_n_train_steps == 0
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            self._save_last(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """A validation inside the epoch (``val_check_interval < 1``); the epoch's last one is saved with it."""
