@@ -527,6 +527,7 @@ class BEVDetectionDataModule(SplitDataModule):
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            seed_samples=shuffle,  # evaluation draws nothing; its loaders keep the dataset itself
             num_workers=self.hparams.num_workers,
             collate_fn=collate_bev,
             persistent_workers=self.hparams.num_workers > 0,
