@@ -307,6 +307,11 @@ class ResumeCheckpoint(ModelCheckpoint):
     the process receives ``SIGTERM`` (then Lightning stops the run and the process exits with status 0) or
     ``SIGUSR1`` (training goes on). Under several processes the ranks agree on the step to save at. Best-model
     checkpoints stay the job of a monitoring ``ModelCheckpoint`` in the config.
+
+    Args:
+        every_n_train_steps: optimizer steps between two saves of ``last.ckpt`` (the most a kill can lose);
+            0 saves at epoch ends only.
+        dirpath: where ``last.ckpt`` goes; by default the run's ``checkpoints/`` folder.
     """
 
     def __init__(self, every_n_train_steps: int = 200, dirpath: str | None = None) -> None:
