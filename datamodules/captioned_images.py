@@ -7,7 +7,10 @@ should not) encode. ``noise`` puts it back. Real data is a folder of images with
 ``.txt`` file next to each image (``cat.png`` + ``cat.txt``) or a JSONL file
 (``{"file": "cat.png", "caption": "...", "label": "cat"}`` per line; ``label`` optional), split by
 ``val_fraction`` with a fixed seed. Problems (a missing caption, an unreadable image, a malformed JSONL
-line) are reported with the file and line when the data module is set up.
+line) are reported with the file and line when the data module is set up. Such a folder converted by
+``zoo data optimize --format captioned`` (``zoo.streaming``) is read from its optimized directory, or that
+directory's object-store URL, given as ``data_dir``: its metadata holds the image sizes (for resolution
+buckets), class names and caption vocabulary, and the batches are the folder's.
 
 Batches are ``{"image": (B, 3, H, W) in [-1, 1], "label": (B,), "caption": list[str], "index": (B,)}``;
 ``label`` is -1 where the data has none; ``index`` identifies the image within its dataset (what a
@@ -20,21 +23,32 @@ class. Prompt batches are ``{"caption", "label" (-1 for a free caption), "index"
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from zoo import streaming
 from zoo.datamodules import buckets as bucketing
 from zoo.datamodules.images import IMAGE_SUFFIXES, _verify_readable
 from zoo.datamodules.shapes import COLOURS, SHAPES, SPLITS, render_shapes
 from zoo.datamodules.splits import SplitDataModule
 from zoo.resume import ResumableDataLoader
 
-__all__ = ["CaptionedFolderDataset", "CaptionedImageDataModule", "CaptionedShapesDataset", "tokenize_words"]
+__all__ = [
+    "CaptionedFolderDataset",
+    "CaptionedImageDataModule",
+    "CaptionedShapesDataset",
+    "StreamedCaptionedDataset",
+    "caption_vocabulary",
+    "read_captioned_folder",
+    "tokenize_words",
+]
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -42,6 +56,11 @@ _WORD = re.compile(r"[a-z0-9]+")
 def tokenize_words(text: str) -> list[str]:
     """Lower-case word tokens: the unit of the caption vocabulary."""
     return _WORD.findall(text.lower())
+
+
+def caption_vocabulary(captions: Iterable[str]) -> list[str]:
+    """The sorted words of ``captions``: what the model's caption tokenizer knows."""
+    return sorted({word for caption in captions for word in tokenize_words(caption)})
 
 
 def shapes_caption_vocabulary() -> list[str]:
@@ -117,6 +136,30 @@ def _read_txt_pairs(root: Path) -> list[tuple[Path, str, object]]:
     return records
 
 
+def read_captioned_folder(
+    root: str | Path, captions_file: str | Path | None, verify: bool = True
+) -> tuple[list[tuple[Path, str, int]], list[str]]:
+    """``(image, caption, label)`` of every image (label -1 where there is none), and the class names: the
+    labels' sorted string forms, which the labels index."""
+    root = Path(root)
+    records = _read_jsonl(Path(captions_file), root) if captions_file else _read_txt_pairs(root)
+    names = sorted({str(label) for _, _, label in records if label is not None})
+    index = {name: i for i, name in enumerate(names)}
+    records = [(p, c, index[str(label)] if label is not None else -1) for p, c, label in records]
+    if verify:
+        for path, _, _ in records:
+            _verify_readable(path)
+    return records, names
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(height, width)`` from the image's header."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
 def _cover_and_crop(image, height: int, width: int):
     """Resize (bicubic) so the image covers ``height x width``, then crop the centre: nothing is squashed."""
     from PIL import Image
@@ -126,6 +169,20 @@ def _cover_and_crop(image, height: int, width: int):
     resized = image.resize(size, Image.Resampling.BICUBIC)
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
     return resized.crop((left, top, left + width, top + height))
+
+
+def _captioned_item(image_file, caption: str, label: int, index: int, size: tuple[int, int]) -> dict:
+    """A folder's item: the image covering ``size`` (centre-cropped) in [-1, 1], with its caption and label."""
+    from PIL import Image
+    from torchvision.transforms.functional import normalize, to_tensor
+
+    with Image.open(image_file) as image:
+        tensor = normalize(to_tensor(_cover_and_crop(image.convert("RGB"), *size)), [0.5] * 3, [0.5] * 3)
+    return {"image": tensor, "label": label, "caption": caption, "index": index}
+
+
+def _nearest_buckets(sizes: Iterable[tuple[int, int]], buckets: list[tuple[int, int]]) -> list[int]:
+    return [bucketing.nearest_bucket(height, width, buckets) for height, width in sizes]
 
 
 class CaptionedFolderDataset(Dataset):
@@ -144,38 +201,51 @@ class CaptionedFolderDataset(Dataset):
         verify: bool = True,
         buckets: list[tuple[int, int]] | None = None,
     ):
-        root = Path(root)
-        records = _read_jsonl(Path(captions_file), root) if captions_file else _read_txt_pairs(root)
-        names = sorted({str(label) for _, _, label in records if label is not None})
-        self.class_names = names
-        index = {name: i for i, name in enumerate(names)}
-        self.records = [(p, c, index[str(label)] if label is not None else -1) for p, c, label in records]
-        if verify:
-            for path, _, _ in self.records:
-                _verify_readable(path)
+        self.records, self.class_names = read_captioned_folder(root, captions_file, verify)
         self.buckets = buckets or [(img_size, img_size)]
         self.bucket_of = [0] * len(self.records)
-        if buckets:
-            from PIL import Image
+        if buckets:  # reads each image's header
+            self.bucket_of = _nearest_buckets((image_size(path) for path, _, _ in self.records), buckets)
 
-            for i, (path, _, _) in enumerate(self.records):
-                with Image.open(path) as image:  # reads the header only
-                    self.bucket_of[i] = bucketing.nearest_bucket(image.height, image.width, self.buckets)
+    def caption_vocabulary(self) -> list[str]:
+        return caption_vocabulary(caption for _, caption, _ in self.records)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        from PIL import Image
-        from torchvision.transforms.functional import normalize, to_tensor
-
         path, caption, label = self.records[index]
-        height, width = self.buckets[self.bucket_of[index]]
-        with Image.open(path) as image:
-            tensor = normalize(
-                to_tensor(_cover_and_crop(image.convert("RGB"), height, width)), [0.5] * 3, [0.5] * 3
-            )
-        return {"image": tensor, "label": label, "caption": caption, "index": index}
+        return _captioned_item(path, caption, label, index, self.buckets[self.bucket_of[index]])
+
+
+class StreamedCaptionedDataset(Dataset):
+    """``CaptionedFolderDataset`` read from an optimized directory (``zoo.streaming``): the same items, the
+    buckets chosen from the image sizes in the metadata, the images decoded from the files' own bytes."""
+
+    def __init__(
+        self,
+        optimized: streaming.OptimizedData,
+        img_size: int,
+        buckets: list[tuple[int, int]] | None = None,
+    ) -> None:
+        metadata = optimized.metadata
+        self.records = optimized.records()
+        self.class_names: list[str] = metadata["class_names"]
+        self.buckets = buckets or [(img_size, img_size)]
+        sizes = optimized.arrays["sizes"].tolist()
+        self.bucket_of = _nearest_buckets(sizes, buckets) if buckets else [0] * len(self.records)
+        self._vocabulary: list[str] = metadata["caption_vocabulary"]
+
+    def caption_vocabulary(self) -> list[str]:
+        return list(self._vocabulary)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.records[index]
+        size = self.buckets[self.bucket_of[index]]
+        return _captioned_item(io.BytesIO(sample["image"]), sample["caption"], sample["label"], index, size)
 
 
 class _RandomFlips(Dataset):
@@ -213,7 +283,8 @@ class CaptionedImageDataModule(SplitDataModule):
     """Captioned, labelled images for the autoencoder and latent diffusion (see module docstring).
 
     Args:
-        data_dir: a folder of images with captions; ``None`` uses the embedded shapes.
+        data_dir: a folder of images with captions, a directory written from one by ``zoo data optimize
+            --format captioned``, or that directory's URL (``s3://...``); ``None`` uses the embedded shapes.
         captions_file: a JSONL file of ``{"file", "caption", "label"?}`` records (paths relative to
             ``data_dir``); without it each image needs a ``.txt`` caption beside it.
         img_size: side of the square images (linked into the model's ``img_size``).
@@ -259,20 +330,29 @@ class CaptionedImageDataModule(SplitDataModule):
         self.save_hyperparameters()
         if resolution_buckets and data_dir is None:
             raise ValueError("resolution_buckets needs data_dir: the embedded shapes are all square")
-        self.data_dir = Path(data_dir) if data_dir else None
+        self.data_dir = data_dir
         self.img_size = img_size
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self._folder: CaptionedFolderDataset | None = None
-        if self.data_dir is not None:
+        self._folder: CaptionedFolderDataset | StreamedCaptionedDataset | None = None
+        if data_dir is not None:
             buckets = (
                 bucketing.resolution_buckets(img_size, bucket_step, max_aspect_ratio)
                 if resolution_buckets
                 else None
             )
-            self._folder = CaptionedFolderDataset(
-                self.data_dir, captions_file, img_size, verify=verify_images, buckets=buckets
-            )
+            if streaming.is_optimized(data_dir):
+                if captions_file is not None:
+                    raise ValueError(
+                        f"captions_file does not apply to {data_dir!r}: an optimized directory holds its "
+                        "captions (zoo data optimize --captions-file)"
+                    )
+                optimized = streaming.open_optimized(data_dir, "captioned")
+                self._folder = StreamedCaptionedDataset(optimized, img_size, buckets)
+            else:
+                self._folder = CaptionedFolderDataset(
+                    data_dir, captions_file, img_size, verify=verify_images, buckets=buckets
+                )
             self.class_names = self._folder.class_names
         else:
             self.class_names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
@@ -287,7 +367,7 @@ class CaptionedImageDataModule(SplitDataModule):
         """The words of the training captions; linked into the model's caption tokenizer by the CLI."""
         if self._folder is None:
             return shapes_caption_vocabulary()
-        return sorted({w for _, caption, _ in self._folder.records for w in tokenize_words(caption)})
+        return self._folder.caption_vocabulary()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

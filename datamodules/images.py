@@ -6,6 +6,10 @@ Real data is a folder with one sub-folder per class, either split already
 path, an empty class folder, an unreadable image, a class count that disagrees with
 ``num_classes``) are reported when the data module is built, before any training starts.
 
+Such a folder converted by ``zoo data optimize --format images`` (``zoo.streaming``) is read the same
+way from its optimized directory or that directory's object-store URL, given as ``data_dir``: same
+splits, same batches, same augmentations.
+
 Prediction runs on the test split, or on the user's own images given as ``predict_path``: a folder
 (searched recursively), one image file, or a text file listing image paths (one a line, relative to
 the list's folder; blank lines and ``#`` comments skipped). Those are read with the evaluation
@@ -14,6 +18,7 @@ transform and identified by their path relative to ``predict_path``.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,12 +26,20 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from zoo import streaming
 from zoo.datamodules.shapes import COLOURS, SHAPES, ShapesDataset
 from zoo.datamodules.splits import SplitDataModule
 from zoo.errors import MissingFileError, ZooError
 from zoo.resume import ResumableDataLoader
 
-__all__ = ["ImageClassificationDataModule", "ImageFileDataset", "ImageFolderDataset", "predict_image_files"]
+__all__ = [
+    "ImageClassificationDataModule",
+    "ImageFileDataset",
+    "ImageFolderDataset",
+    "StreamedImageDataset",
+    "folder_layout",
+    "predict_image_files",
+]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 NORMALIZE_MEAN = (0.5, 0.5, 0.5)
@@ -51,6 +64,17 @@ def _image_files(folder: Path) -> list[Path]:
             f"class folder {str(folder)!r} contains no images (looked for {sorted(IMAGE_SUFFIXES)})"
         )
     return files
+
+
+def folder_layout(root: Path) -> dict[str, Path] | None:
+    """The split folders of a split tree (``train``, ``val``, and ``test`` when present), or ``None`` for a
+    tree of class folders, which is split by seed."""
+    if not (root / "train").is_dir():
+        return None
+    if not (root / "val").is_dir():
+        raise MissingFileError(f"{str(root)!r} has a train/ folder but no val/ folder next to it")
+    splits = ("train", "val", "test")
+    return {split: root / split for split in splits if (root / split).is_dir()}
 
 
 def predict_image_files(path: str | Path) -> list[tuple[Path, str]]:
@@ -93,7 +117,7 @@ def _listed_images(list_file: Path) -> list[tuple[Path, str]]:
     return found
 
 
-def _load_rgb(path: Path, transform):
+def _load_rgb(path: Path | io.BytesIO, transform):
     with Image.open(path) as image:
         image = image.convert("RGB")
     return transform(image) if transform is not None else image
@@ -139,6 +163,27 @@ class ImageFolderDataset(Dataset):
             "label": label,
             "caption": self.class_names[label],
             "id": path.relative_to(self.root).as_posix(),
+        }
+
+
+class StreamedImageDataset(Dataset):
+    """Records ``positions`` of an optimized image directory (``zoo.streaming``) as the items
+    ``ImageFolderDataset`` gives for the same files: the stored bytes are the image files' own."""
+
+    def __init__(self, records, class_names: list[str], positions: range, transform=None) -> None:
+        self.records, self.class_names, self.positions = records, class_names, positions
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.records[self.positions[index]]
+        return {
+            "image": _load_rgb(io.BytesIO(sample["image"]), self.transform),
+            "label": sample["label"],
+            "caption": self.class_names[sample["label"]],
+            "id": sample["id"],
         }
 
 
@@ -206,7 +251,9 @@ class ImageClassificationDataModule(SplitDataModule):
     Predict batches are ``{"image", "id": list[str]}`` (and the labels, when predicting the test split).
 
     Args:
-        data_dir: an image-folder tree (see module docstring); ``None`` uses the embedded shapes.
+        data_dir: an image-folder tree (see module docstring), a directory written from one by
+            ``zoo data optimize --format images``, or that directory's URL (``s3://...``); ``None`` uses
+            the embedded shapes.
         img_size: side of the square images the model sees.
         num_classes: the class count you expect; checked against the data when given.
         train_size / val_size / test_size: number of embedded images per split.
@@ -214,7 +261,8 @@ class ImageClassificationDataModule(SplitDataModule):
         seed: fixes the embedded images and the folder split.
         augment: random shift + flip (embedded) or timm's training transform (folders).
         verify_images: open every image of a folder once at set-up, so a bad file is named
-            before training rather than crashing a worker hours in.
+            before training rather than crashing a worker hours in (``zoo data optimize`` does it when
+            writing an optimized directory).
         predict_path: the images to predict (a folder, an image, or a text file listing images; see
             the module docstring); ``None`` predicts the test split.
     """
@@ -245,13 +293,16 @@ class ImageClassificationDataModule(SplitDataModule):
         super().__init__()
         # num_classes is a check, not a setting: the model's value comes from `self.num_classes`.
         self.save_hyperparameters(ignore=["num_classes"])
-        self.data_dir = Path(data_dir) if data_dir else None
+        self.optimized = (
+            streaming.open_optimized(data_dir, "images") if streaming.is_optimized(data_dir) else None
+        )
+        self.data_dir = Path(data_dir) if data_dir and self.optimized is None else None
         self.img_size = img_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.class_names = self._discover_classes()
         if num_classes is not None and num_classes != len(self.class_names):
-            source = str(self.data_dir) if self.data_dir else "the embedded shapes set"
+            source = data_dir or "the embedded shapes set"
             raise ZooError(
                 f"num_classes={num_classes} disagrees with the data: {source} has "
                 f"{len(self.class_names)} classes ({', '.join(self.class_names)})"
@@ -268,6 +319,8 @@ class ImageClassificationDataModule(SplitDataModule):
         return len(self.class_names)
 
     def _discover_classes(self) -> list[str]:
+        if self.optimized is not None:
+            return self.optimized.metadata["class_names"]
         if self.data_dir is None:
             return [f"{c} {s}" for s in SHAPES for c in COLOURS]
         root = self.data_dir / "train" if (self.data_dir / "train").is_dir() else self.data_dir
@@ -283,7 +336,9 @@ class ImageClassificationDataModule(SplitDataModule):
             return
         if self.train_set is not None:
             return
-        if self.data_dir is None:
+        if self.optimized is not None:
+            self._setup_optimized()
+        elif self.data_dir is None:
             self._setup_shapes()
         else:
             self._setup_folders()
@@ -306,26 +361,40 @@ class ImageClassificationDataModule(SplitDataModule):
     def _setup_folders(self) -> None:
         train_tf, eval_tf = self._folder_transforms()
         root, verify = self.data_dir, self.hparams.verify_images
-        if (root / "train").is_dir():
-            self.train_set = ImageFolderDataset(root / "train", transform=train_tf, verify=verify)
-            names = self.train_set.class_names
-            val_root = root / "val" if (root / "val").is_dir() else None
-            if val_root is None:
-                raise MissingFileError(f"{str(root)!r} has a train/ folder but no val/ folder next to it")
-            self.val_set = ImageFolderDataset(val_root, names, transform=eval_tf, verify=verify)
-            test_root = root / "test"
-            self.test_set = (
-                ImageFolderDataset(test_root, names, transform=eval_tf, verify=verify)
-                if test_root.is_dir()
-                else self.val_set
-            )
+        layout = folder_layout(root)
+        if layout is None:
+            full_train = ImageFolderDataset(root, transform=train_tf, verify=verify)
+            self._hold_out(full_train, ImageFolderDataset(root, transform=eval_tf, verify=False), root)
             return
-        full_train = ImageFolderDataset(root, transform=train_tf, verify=verify)
-        full_eval = ImageFolderDataset(root, transform=eval_tf, verify=False)
+        self.train_set = ImageFolderDataset(layout["train"], transform=train_tf, verify=verify)
+        names = self.train_set.class_names
+        self.val_set = ImageFolderDataset(layout["val"], names, transform=eval_tf, verify=verify)
+        self.test_set = self.val_set
+        if "test" in layout:
+            self.test_set = ImageFolderDataset(layout["test"], names, transform=eval_tf, verify=verify)
+
+    def _setup_optimized(self) -> None:
+        """The splits of an optimized directory: its split ranges, or the seeded hold-out of ``_hold_out``."""
+        train_tf, eval_tf = self._folder_transforms()
+        records, names, splits = self.optimized.records(), self.class_names, self.optimized.metadata["splits"]
+
+        def split(positions: range, transform) -> StreamedImageDataset:
+            return StreamedImageDataset(records, names, positions, transform)
+
+        if splits is None:
+            everything = range(len(records))
+            self._hold_out(split(everything, train_tf), split(everything, eval_tf), self.optimized.location)
+            return
+        self.train_set = split(range(*splits["train"]), train_tf)
+        self.val_set = split(range(*splits["val"]), eval_tf)
+        self.test_set = split(range(*splits["test"]), eval_tf) if "test" in splits else self.val_set
+
+    def _hold_out(self, full_train: Dataset, full_eval: Dataset, source) -> None:
+        """Validation (and test) split of an unsplit tree: a share of the images chosen by the seed."""
         order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(self.hparams.seed))
         n_val = max(1, round(len(order) * self.hparams.val_fraction))
         if n_val >= len(order):
-            raise ZooError(f"{str(root)!r} has {len(order)} images: too few to hold out a validation split")
+            raise ZooError(f"{str(source)!r} has {len(order)} images: too few to hold out a validation split")
         self.train_set = Subset(full_train, order[n_val:].tolist())
         self.val_set = Subset(full_eval, order[:n_val].tolist())
         self.test_set = self.val_set

@@ -15,6 +15,12 @@ move when the file is reordered.
 ``predict`` runs on every usable record of ``predict_path`` (a user's FASTA file, not split), or on one
 split of the training data (``predict_split``).
 
+A FASTA file converted by ``zoo data optimize --format fasta`` (``zoo.streaming``) is read from its
+optimized directory, or that directory's object-store URL, given as ``fasta`` (or ``predict_path``): the
+metadata holds each record's length, ``X`` count and id hash, so splits, token budgets and batches are
+those of the FASTA file. Bad records were refused, or left out and counted, when it was optimized
+(``--on-invalid``); ``on_invalid`` does not apply to it.
+
 Batches are ``{"tokens": (B, T) int64, "ids": [...]}`` (plus ``"contacts"`` (B, T-2, T-2), -1 where
 unknown, when contact maps are given), either ``batch_size`` sequences or, with ``max_tokens``,
 as many length-sorted sequences as fit in a padded token budget (``TokenBudgetBatchSampler``).
@@ -32,11 +38,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from zoo import streaming
 from zoo.datamodules.epoch_plans import EpochPlanBatchSampler
 from zoo.datamodules.splits import SplitDataModule
 from zoo.errors import MissingFileError, ZooError
 from zoo.protein.alphabet import Alphabet
-from zoo.protein.fasta import OK, PROBLEM_NAMES, FastaIndex
+from zoo.protein.fasta import OK, PROBLEM_NAMES, FastaIndex, ProteinRecord
 from zoo.resume import ResumableDataLoader
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "ProteinCollate",
     "ProteinDataModule",
     "ProteinDataset",
+    "StreamedFasta",
     "TokenBudgetBatchSampler",
     "embedded_fasta",
     "open_usable",
@@ -156,8 +164,8 @@ class ProteinDataset(Dataset):
         return np.minimum(self.index.length[self.records], self.max_length) + 2
 
     def __getitem__(self, item: int) -> dict:
-        record = int(self.records[item])
-        record_id, sequence = self.index.record_id(record), self.index.sequence(record)
+        record = self.index.record(int(self.records[item]))  # id and sequence: one sample of a chunk
+        record_id, sequence = record.id, record.sequence
         start, length = 0, len(sequence)
         if length > self.max_length:
             if self.crop:
@@ -291,13 +299,44 @@ def select_records(
     return np.flatnonzero(~bad & ~unknown), dict(skipped)
 
 
+class StreamedFasta:
+    """The records of an optimized FASTA directory (``zoo.streaming``) behind the part of ``FastaIndex``
+    the data modules use: the per-record arrays come with the metadata (no chunk is read to split or
+    batch), the records from the chunks."""
+
+    def __init__(self, optimized: streaming.OptimizedData) -> None:
+        self.path = optimized.location
+        self.records = optimized.records()
+        arrays = optimized.arrays
+        self.length, self.unknown, self.id_hash = arrays["length"], arrays["unknown"], arrays["id_hash"]
+        self.status = np.full(len(self.length), OK, dtype=np.uint8)  # bad records never reach the chunks
+        self.skipped: dict[str, int] = optimized.metadata["skipped"]
+
+    def __len__(self) -> int:
+        return len(self.length)
+
+    def record(self, index: int) -> ProteinRecord:
+        sample = self.records[index]
+        return ProteinRecord(sample["id"], sample["sequence"])
+
+    def record_id(self, index: int) -> str:
+        return self.record(index).id
+
+
 def open_usable(
-    path: Path, index_dir: str | None, on_invalid: str, max_unknown_fraction: float
-) -> tuple[FastaIndex, np.ndarray, dict[str, int]]:
-    """The FASTA file's index, its usable records, and how many were left out for each reason
-    (``select_records``; logged)."""
-    index = FastaIndex.open(path, index_dir)
+    path: str | Path, index_dir: str | None, on_invalid: str, max_unknown_fraction: float
+) -> tuple[FastaIndex | StreamedFasta, np.ndarray, dict[str, int]]:
+    """The index of a FASTA file or of an optimized directory, its usable records, and how many were left
+    out for each reason (``select_records``, after those left out when the directory was written; logged)."""
+    streamed = streaming.is_optimized(path)
+    index = (
+        StreamedFasta(streaming.open_optimized(path, "fasta"))
+        if streamed
+        else FastaIndex.open(path, index_dir)
+    )
     usable, skipped = select_records(index, on_invalid, max_unknown_fraction)
+    if streamed:  # bad records first, as select_records counts them in a FASTA file
+        skipped = {**index.skipped, **skipped}
     if skipped:
         counts = ", ".join(f"{n} {why}" for why, n in skipped.items())
         rank_zero_info(f"{path}: left out {sum(skipped.values())} records ({counts})")
@@ -306,11 +345,24 @@ def open_usable(
     return index, usable, skipped
 
 
+def _check_source(source: str | None) -> None:
+    """A FASTA file or an optimized directory (or URL): anything else is named before any data is read."""
+    if source is None or streaming.is_optimized(source) or Path(source).is_file():
+        return
+    if Path(source).is_dir():
+        raise MissingFileError(
+            f"{source!r} is a directory without LitData's index.json: neither a FASTA file nor a directory "
+            "written by `zoo data optimize --format fasta`"
+        )
+    raise MissingFileError(f"FASTA file {source!r} does not exist")
+
+
 class ProteinDataModule(ProteinLoaders):
     """ESM-tokenised proteins for masked-LM training, split train/val/test by id and seed.
 
     Args:
-        fasta: a FASTA file (plain or gzip); ``None`` uses the embedded real proteins.
+        fasta: a FASTA file (plain or gzip), a directory written from one by ``zoo data optimize --format
+            fasta``, or that directory's URL (``s3://...``); ``None`` uses the embedded real proteins.
         batch_size: sequences per batch, when ``max_tokens`` is not set.
         max_tokens: padded tokens per batch (``<cls>``/``<eos>`` included); replaces ``batch_size``.
         max_length: residues seen by the model; longer sequences are randomly cropped in training and
@@ -321,8 +373,9 @@ class ProteinDataModule(ProteinLoaders):
         contacts: contact maps for evaluation (``.npz`` keyed by id or a folder of ``<id>.npy``);
             validation then reports contact precision.
         index_dir: where the FASTA indexes are cached (default: beside each file, else ~/.cache).
-        predict_path: a FASTA file (plain or gzip) whose every usable record ``predict`` runs on, e.g. the
-            proteins to embed with a trained model; the same checks and ``max_length`` cut as the data.
+        predict_path: a FASTA file (plain or gzip, or optimized like ``fasta``) whose every usable record
+            ``predict`` runs on, e.g. the proteins to embed with a trained model; the same checks and
+            ``max_length`` cut as the data.
         predict_split: without ``predict_path``, which records of the data ``predict`` runs on;
             ``"all"`` is every usable record.
     """
@@ -354,10 +407,8 @@ class ProteinDataModule(ProteinLoaders):
             raise ZooError(f"bad split fractions: val={val_fraction}, test={test_fraction}")
         if on_invalid not in ("error", "skip"):
             raise ZooError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
-        if fasta is not None and not Path(fasta).is_file():
-            raise MissingFileError(f"FASTA file {fasta!r} does not exist")
-        if predict_path is not None and not Path(predict_path).is_file():
-            raise MissingFileError(f"FASTA file {predict_path!r} does not exist")
+        for source in (fasta, predict_path):
+            _check_source(source)
         if contacts is not None and not Path(contacts).exists():
             raise MissingFileError(f"contact maps {contacts!r} do not exist")
         self.alphabet = Alphabet()
@@ -367,15 +418,20 @@ class ProteinDataModule(ProteinLoaders):
         self.predict_set: ProteinDataset | None = None
 
     @property
-    def source(self) -> Path:
-        return Path(self.hparams.fasta) if self.hparams.fasta is not None else embedded_fasta()
+    def source(self) -> str | Path:
+        """The FASTA file, or the optimized directory (a URL stays a string)."""
+        fasta = self.hparams.fasta
+        if fasta is None:
+            return embedded_fasta()
+        return fasta if streaming.is_optimized(fasta) else Path(fasta)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage == "predict" and hp.predict_path is not None:
             if self.predict_set is None:
-                path = Path(hp.predict_path)
-                index, usable, _ = open_usable(path, hp.index_dir, hp.on_invalid, hp.max_unknown_fraction)
+                index, usable, _ = open_usable(
+                    hp.predict_path, hp.index_dir, hp.on_invalid, hp.max_unknown_fraction
+                )
                 self.predict_set = ProteinDataset(index, usable, hp.max_length, crop=False)
             return
         if self.index is not None:

@@ -137,6 +137,10 @@ TOOLS: dict[str, tuple[str, str | Callable[[Sequence[str]], None]]] = {
         "conditional accuracy of a latent diffusion model, judged by a trained classifier",
         "zoo.diffusion.evaluation:main",
     ),
+    "data": (
+        "convert a data set into LitData's streaming format (zoo data optimize)",
+        "zoo.streaming:main",
+    ),
 }
 
 

@@ -6,6 +6,7 @@
 - ``distributed``: DeepSpeed (``configs/strategy/deepspeed_*.yaml``);
 - ``bev``: SciPy's Hungarian matching (BEVFormer's detection head);
 - ``hf``: transformers, for Hugging Face formats (ESM-2 folders, a local CLIP text encoder in latent diffusion);
+- ``streaming``: LitData, for ``zoo data optimize`` and data modules reading optimized (chunked) datasets;
 - ``all``: every one of them.
 """
 
