@@ -495,9 +495,14 @@ class TrainingMonitor(Callback):
 
     def _log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """Straight to the loggers, in one call: ``LightningModule.log`` costs about 0.1 ms per key, and
-        per-layer statistics are hundreds of keys. Loggers write on rank 0 only, as they do for ``self.log``."""
+        per-layer statistics are hundreds of keys. Loggers write on rank 0 only, as they do for ``self.log``.
+
+        Under the step Lightning logs the current batch's values at (the batches that stepped before it, as
+        ``LearningRateMonitor``), before and after the optimizer step alike: a run resumed from a checkpoint
+        written at the end of this step keeps this row (``zoo.loggers`` keeps the rows of earlier steps)."""
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=step)
 
     def _act(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         pending, self._pending = self._pending, []

@@ -41,6 +41,9 @@ IGNORE_INDEX = -100
 #: Default metric group: its stage collections are keyed ``<stage>_metrics``.
 DEFAULT_GROUP = ""
 METRIC_STATES_KEY = "zoo_metric_states"
+LOGGED_VALUES_KEY = "zoo_logged_epoch_values"
+# ``self.log(reduce_fx=...)`` reductions whose running value can be checkpointed (Lightning parses the names)
+_REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "max": torch.max, "min": torch.min}
 
 
 class ZooModule(LightningModule):
@@ -163,13 +166,23 @@ class ZooModule(LightningModule):
             self.log_dict(rest, sync_dist=False)
 
     def on_fit_start(self) -> None:
-        """Fresh metric states: ones made under ``inference_mode`` (an earlier ``validate``) can't be updated in fit.
-        A run resumed mid-epoch then gets back the training metrics' states of the batches it had seen."""
+        """Fresh metric states: ones made under ``inference_mode`` (an earlier ``validate``) can't be updated in fit."""
         for collection in self.metrics.values():
             collection.reset()
+
+    def on_train_start(self) -> None:
+        """A run resumed mid-epoch gets back the training metrics' states of the batches it had seen. Not in
+        ``on_fit_start``: FSDP2 and DeepSpeed load the checkpoint after that hook."""
         pending, self._pending_metric_states = getattr(self, "_pending_metric_states", None), None
         if pending and (self._trainer is None or self.trainer.is_global_zero):
             self._load_metric_states(pending)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A run resumed mid-epoch gets back, before its first batch logs, the epoch's running ``self.log``
+        values of the batches it had seen (``_logged_epoch_values``). A subclass overriding this calls it."""
+        pending, self._pending_logged_values = getattr(self, "_pending_logged_values", None), None
+        if pending and self._trainer is not None:
+            _restore_logged_epoch_values(self.trainer, pending)
 
     def _training_metrics(self):
         for key in self.metrics:
@@ -200,7 +213,9 @@ class ZooModule(LightningModule):
             metric._update_count = int(saved["update_count"])
             for state in metric._defaults:
                 value = saved[state]
-                moved = [v.to(self.device) for v in value] if isinstance(value, list) else value.to(self.device)
+                moved = (
+                    [v.to(self.device) for v in value] if isinstance(value, list) else value.to(self.device)
+                )
                 setattr(metric, state, moved)
             metric._computed = None
 
@@ -284,6 +299,7 @@ class ZooModule(LightningModule):
         """Adds the training metrics' states (outside ``state_dict``: weights files stay as they were)."""
         if self._trainer is not None and self.trainer.state.fn == "fit":
             checkpoint[METRIC_STATES_KEY] = self._metric_states()
+            checkpoint[LOGGED_VALUES_KEY] = _logged_epoch_values(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Upgrade keys an earlier version wrote, then fail naming every differing, missing and unexpected
@@ -293,6 +309,9 @@ class ZooModule(LightningModule):
         ``Module.load_from_checkpoint`` without a trainer is left to ``load_state_dict`` and its ``strict`` flag.
         """
         self._pending_metric_states = checkpoint.get(METRIC_STATES_KEY)
+        # resumed by a trainer: not into a later fresh fit of a module read with `load_from_checkpoint`
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        self._pending_logged_values = checkpoint.get(LOGGED_VALUES_KEY) if fitting else None
         if "state_dict" in checkpoint:
             checkpoint["state_dict"] = rename_keys(checkpoint["state_dict"], self.state_dict_renames)
             rename_callback_states(checkpoint, self.state_dict_renames)
@@ -331,6 +350,97 @@ class ZooModule(LightningModule):
         # step may use them before any forward (a conditioning embedding, a task head's projection).
         for method in ("training_step", "validation_step", "test_step", "predict_step"):
             register_fsdp_forward_method(self, method)
+
+
+def _logged_epoch_values(trainer) -> dict[str, Any]:
+    """The running epoch aggregates of ``self.log(..., on_epoch=True)`` calls in training, when a checkpoint is
+    written inside an epoch: Lightning keeps them in its result collection, which it does not checkpoint, so a
+    run resumed mid-epoch would log ``train/loss_epoch`` over the resumed batches alone.
+
+    ``{"ranks": [entries of rank 0, of rank 1, ...]}``, plain values (``torch.load(weights_only=True)`` reads
+    them): under several processes every rank's own aggregates are gathered (one ``all_gather_object``), so a
+    resume on as many processes gives each rank back its own (on another number, they start over)."""
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress
+    entries = []
+    if not progress.is_last_batch and progress.current.processed:  # at an epoch's end the next starts empty
+        for key, metric in loop._results.items():
+            meta = metric.meta
+            reduction = next((name for name, fn in _REDUCTIONS.items() if meta.reduce_fx is fn), None)
+            if not metric.is_tensor or not meta.on_epoch or metric.has_reset or reduction is None:
+                continue
+            if meta.sync.group is not None:  # a process group cannot be written down
+                continue
+            entries.append(
+                {
+                    "key": key,
+                    "fx": meta.fx,
+                    "name": meta.name,
+                    "prog_bar": meta.prog_bar,
+                    "logger": meta.logger,
+                    "on_step": meta.on_step,
+                    "reduce_fx": reduction,
+                    "enable_graph": meta.enable_graph,
+                    "add_dataloader_idx": meta.add_dataloader_idx,
+                    "dataloader_idx": meta.dataloader_idx,
+                    "metric_attribute": meta.metric_attribute,
+                    "sync_dist": meta.sync.should,
+                    "rank_zero_only": meta.sync.rank_zero_only,
+                    "value": metric.value.detach().cpu().clone(),
+                    "cumulated_batch_size": (
+                        metric.cumulated_batch_size.detach().cpu().clone() if reduction == "mean" else None
+                    ),
+                }
+            )
+    if trainer.world_size == 1:
+        return {"ranks": [entries]}
+    import torch.distributed as dist
+
+    gathered: list[list[dict[str, Any]] | None] = [None] * trainer.world_size
+    dist.all_gather_object(gathered, entries)  # every rank: Lightning dumps the checkpoint on all of them
+    return {"ranks": [rank_entries or [] for rank_entries in gathered]}
+
+
+def _restore_logged_epoch_values(trainer, saved: dict[str, Any]) -> None:
+    """Puts the checkpoint's running ``self.log`` aggregates back into the training result collection, with the
+    metadata ``LightningModule.log`` gives them, so the resumed batches' values add to them.
+
+    Called at the first resumed batch's start: Lightning would clear the tensors of every hook that logs in an
+    epoch's first batch (the collection then holds the previous epoch's), which this resumed batch is not."""
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _Metadata, _ResultMetric, _Sync
+
+    ranks = saved.get("ranks") or []
+    # resumed on another number of processes: the epoch's values start over
+    entries = ranks[trainer.global_rank] if len(ranks) == trainer.world_size else []
+    if not entries:
+        return
+    results = trainer.fit_loop.epoch_loop._results
+    device = trainer.lightning_module.device
+    for entry in entries:
+        meta = _Metadata(
+            fx=entry["fx"],
+            name=entry["name"],
+            prog_bar=entry["prog_bar"],
+            logger=entry["logger"],
+            on_step=entry["on_step"],
+            on_epoch=True,
+            reduce_fx=entry["reduce_fx"],
+            enable_graph=entry["enable_graph"],
+            add_dataloader_idx=entry["add_dataloader_idx"],
+            dataloader_idx=entry["dataloader_idx"],
+            metric_attribute=entry["metric_attribute"],
+        )
+        # as ``LightningModule.log`` makes it (on as many processes as when saved: the same ``sync.should``)
+        meta.sync = _Sync(
+            _should=entry["sync_dist"], fn=trainer.strategy.reduce, rank_zero_only=entry["rank_zero_only"]
+        )
+        metric = _ResultMetric(meta, is_tensor=True)
+        metric.value = entry["value"].to(device)
+        if entry["cumulated_batch_size"] is not None:
+            metric.cumulated_batch_size = entry["cumulated_batch_size"].to(device)
+        metric.has_reset = False
+        results[entry["key"]] = metric
+    trainer._logger_connector._first_loop_iter = False
 
 
 def _detached(value):

@@ -5,6 +5,8 @@ so a killed run that resumes in its own folder loses every row logged before the
 file at every step, and a resumed run first cuts the file back to the rows logged before its checkpoint's
 step (``rewind``, called by ``zoo.resume.ResumeCheckpoint``): Lightning logs a step's rows under the number of
 steps taken before it, and the resumed run logs every later step again, so each row appears once, in order.
+A callback that calls ``logger.log_metrics`` itself keeps to that numbering
+(``trainer.fit_loop.epoch_loop._batches_that_stepped``), or its row at a checkpoint's step is cut on resume.
 """
 
 from __future__ import annotations

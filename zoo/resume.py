@@ -326,6 +326,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         )
         self._save_requested = threading.Event()
         self._previous_handler: Any = None
+        self._steps_seen: int | None = None  # global_step at the previous batch end
 
     @property
     def state_key(self) -> str:
@@ -335,6 +336,7 @@ class ResumeCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         """Cuts a resumed run's CSV log back to the checkpoint's step (the rows after it are logged again), and
         listens for ``SIGUSR1``: after Lightning's own handlers (SLURM's requeue), which this one then calls too."""
+        self._steps_seen = trainer.global_step
         if trainer.ckpt_path is not None and trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, ResumableCSVLogger):
@@ -376,17 +378,21 @@ class ResumeCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         """The interval's save (counted in optimizer steps, also under manual optimization) or a signal's."""
         asked = self._asked_to_save(trainer)
+        crossed = self._crossed_interval(trainer)
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or not self._fitting(trainer):
             return  # the epoch's last step is saved at the epoch's end, with the loops in their end state
         if asked:
             self._save_requested.clear()
             self._save_last(trainer, "SIGTERM" if trainer.received_sigterm else "SIGUSR1")
-        elif (
-            self._every_n_train_steps
-            and trainer.global_step % self._every_n_train_steps == 0
-            and self._last_global_step_saved != trainer.global_step
-        ):
+        elif crossed and self._last_global_step_saved != trainer.global_step:
             self._save_last(trainer)
+
+    def _crossed_interval(self, trainer) -> bool:
+        """Whether this batch's optimizer steps passed a multiple of the interval: a batch may take several
+        (a GAN's generator and discriminator), so ``global_step`` can step over the multiple itself."""
+        before, self._steps_seen = self._steps_seen, trainer.global_step
+        every = self._every_n_train_steps
+        return bool(every) and before is not None and trainer.global_step // every > before // every
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """A validation inside the epoch (``val_check_interval < 1``); the epoch's last one is saved with it."""

@@ -216,6 +216,10 @@ def _replay_static(module: nn.Module, record: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------- the callback
+#: Records of a model already quantized (that ``Quantization`` leaves as it is).
+QUANTIZED_KINDS = frozenset({"int8_dynamic", "int8_static", "int8_convert", "int4_gptq"})
+
+
 class Quantization(Callback):
     """Quantize the model at the end of ``fit`` (or in ``validate``/``test`` for a float checkpoint).
 
@@ -263,8 +267,11 @@ class Quantization(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         install_restore_hook(pl_module)
-        if self.mode == "qat" and stage == "fit" and trainer.ckpt_path is None and not _kinds(pl_module):
-            prepare_static(pl_module, qat=True, skip=self.skip)  # before the optimizer; resumes replay it
+        # before the optimizer; a resumed fit replays it from the checkpoint's records. After another callback's
+        # compression in setup (StructuredPruning's records), not only on a model no callback has touched.
+        quantized = _kinds(pl_module) & {"int8_prepare", *QUANTIZED_KINDS}
+        if self.mode == "qat" and stage == "fit" and trainer.ckpt_path is None and not quantized:
+            prepare_static(pl_module, qat=True, skip=self.skip)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._quantized(pl_module):
@@ -290,7 +297,7 @@ class Quantization(Callback):
 
     @staticmethod
     def _quantized(pl_module: LightningModule) -> bool:
-        return bool(_kinds(pl_module) & {"int8_dynamic", "int8_static", "int8_convert", "int4_gptq"})
+        return bool(_kinds(pl_module) & QUANTIZED_KINDS)
 
     def quantize(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pl_module.eval()

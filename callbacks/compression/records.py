@@ -30,6 +30,7 @@ __all__ = [
     "records_of",
     "register_replay",
     "replay",
+    "size_observers_like",
     "state_dict_bytes",
 ]
 
@@ -60,12 +61,16 @@ def add_record(module: nn.Module, record: dict) -> None:
 
 def replay(module: nn.Module, records: list[dict]) -> None:
     """Apply the recorded architecture changes to a freshly built ``module`` (weights come from a state dict)."""
-    from zoo.callbacks.compression import gptq, quantization, structured, weight_sharing  # noqa: F401 (registry)
-
     if records_of(module):
         raise RuntimeError(
             "this module is already compressed; replay compression records on a freshly built model only"
         )
+    _apply(module, records)
+
+
+def _apply(module: nn.Module, records: list[dict]) -> None:
+    from zoo.callbacks.compression import gptq, quantization, structured, weight_sharing  # noqa: F401 (registry)
+
     for index, record in enumerate(records):
         kind = record.get("kind")
         if kind not in _REPLAYS:
@@ -93,8 +98,13 @@ def install_restore_hook(pl_module: nn.Module) -> None:
 
     def on_load_checkpoint(self: nn.Module, checkpoint: dict[str, Any]) -> None:
         records = checkpoint.get(CHECKPOINT_KEY) or []
-        if records and not records_of(self):
-            replay(self, records)
+        done = records_of(self)
+        # A fit resumed from a checkpoint runs the callbacks' ``setup`` first, and Lightning sets
+        # ``trainer.ckpt_path`` only after it: the callbacks then compressed the fresh model as the
+        # checkpoint's was (pruned it, prepared QAT). Only the records beyond theirs are replayed.
+        if records and records[: len(done)] == done:
+            _apply(self, records[len(done) :])
+            size_observers_like(self, checkpoint.get("state_dict") or {})
         original(checkpoint)
 
     pl_module.on_load_checkpoint = types.MethodType(on_load_checkpoint, pl_module)
@@ -121,8 +131,31 @@ def load_compressed(module: nn.Module, checkpoint: str | Path | dict) -> nn.Modu
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     replay(module, checkpoint.get(CHECKPOINT_KEY) or [])
-    module.load_state_dict(checkpoint.get("state_dict", checkpoint))
+    state = checkpoint.get("state_dict", checkpoint)
+    size_observers_like(module, state)
+    module.load_state_dict(state)
     return module
+
+
+def size_observers_like(module: nn.Module, state: dict[str, Any]) -> None:
+    """Give the buffers of replayed observers and fake-quantizers (QAT) the shapes they have in ``state``.
+
+    Their statistics are sized by what they observed: a per-channel observer's ``min_val`` is empty and a
+    fake-quantizer's ``scale`` one element until the first batch. PyTorch resizes them when the state dict
+    loads, but the zoo's check of a checkpoint against the model (``zoo.checkpointing``) compares shapes
+    first, so a QAT fit resumed from its checkpoint would be refused.
+    """
+    from torch.ao.quantization import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    for name, child in module.named_modules():
+        if not isinstance(child, (ObserverBase, FakeQuantizeBase)):
+            continue
+        prefix = f"{name}." if name else ""
+        for buffer_name, buffer in child.named_buffers(recurse=False):
+            saved = state.get(prefix + buffer_name)
+            if isinstance(saved, torch.Tensor) and saved.shape != buffer.shape:
+                buffer.resize_(saved.shape)
 
 
 def state_dict_bytes(module: nn.Module) -> int:

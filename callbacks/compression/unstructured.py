@@ -9,20 +9,22 @@ steps whatever the optimizer does to ``weight_orig``).
 Added here: the schedule. Sparsity ramps from ``initial_sparsity`` to ``target_sparsity`` between ``start`` and
 ``end`` (epochs or optimizer steps) as ``s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_e - t_0))^3``, pruned
 every ``frequency`` units. ``torch.nn.utils.prune`` takes the *fraction of the still-unpruned weights* to cut,
-so each update asks for ``(s_t - s_now) / (1 - s_now)`` with ``s_now`` measured on the masks (a resumed run
-picks up where it was). ``ModelPruning``'s lottery-ticket reset defaults to True; it is off here (fine-tuning
+so each update asks for ``(s_t - s_now) / (1 - s_now)`` with ``s_now`` measured on the masks. The masks travel in
+the callback's state (the checkpoint's weights have them folded in): a run resumed mid-schedule keeps the
+pruned weights at zero and picks up where it was. ``ModelPruning``'s lottery-ticket reset defaults to True; it is off here (fine-tuning
 continues from the trained weights, as in Zhu & Gupta). Only ``Linear``/``Conv`` weights are pruned
 (``ModelPruning`` would also take norms and embeddings); :func:`sparsity_report` reports per layer and total.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
+from torch.nn.utils import prune
 
 __all__ = ["MagnitudePruning", "cubic_sparsity", "sparsity_report"]
 
@@ -147,6 +149,37 @@ class MagnitudePruning(ModelPruning):
         self._module = pl_module
         super().setup(trainer, pl_module, stage)
 
+    # ------------------------------------------------------------------ state
+    def _mask_keys(self) -> list[tuple[str, nn.Module, str]]:
+        names = {id(m): n for n, m in self._module.named_modules()} if hasattr(self, "_module") else {}
+        return [(f"{names.get(id(m), '')}.{p}", m, p) for m, p in getattr(self, "_parameters_to_prune", ())]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current masks (bool, by parameter name). A checkpoint's weights have them folded in
+        (``make_permanent``); without them a resumed run would train the pruned weights back to non-zero until
+        the next pruning point, and measure its sparsity from zero."""
+        masks = {}
+        for key, module, name in self._mask_keys():
+            mask = getattr(module, f"{name}_mask", None)
+            if mask is not None:
+                masks[key] = mask.detach().to("cpu", torch.bool)
+        return {"masks": masks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_masks = state_dict.get("masks") or None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A resumed run's masks go back on the loaded weights here, once the optimizer holds its restored state:
+        pruning re-registers each weight as ``weight_orig`` (the same tensor), which, done before the optimizer
+        is built, would reorder its parameters against the checkpoint's optimizer state."""
+        pending, self._pending_masks = getattr(self, "_pending_masks", None), None
+        if not pending:
+            return
+        for key, module, name in self._mask_keys():
+            if key in pending and getattr(module, f"{name}_mask", None) is None:
+                weight = getattr(module, name)
+                prune.custom_from_mask(module, name, pending[key].to(weight.device))
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
         step = trainer.global_step  # optimizer steps taken so far
         if self.unit != "step" or step == getattr(self, "_last_step", -1):
@@ -156,19 +189,20 @@ class MagnitudePruning(ModelPruning):
             amount = self._amount(step - 1)
             if amount > 0:
                 self.apply_pruning(amount)
-                self._log_report(pl_module)
+                self._log_report(pl_module, trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        self._log_report(pl_module)
+        # Lightning logs an epoch's end under its last batch's step (one less than the batches that stepped)
+        self._log_report(pl_module, max(trainer.fit_loop.epoch_loop._batches_that_stepped - 1, 0))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self.report = sparsity_report(pl_module)
 
-    def _log_report(self, pl_module: LightningModule) -> None:
+    def _log_report(self, pl_module: LightningModule, step: int) -> None:
+        """The sparsity, logged under the step Lightning logs the current batch's (or epoch end's) values at: a
+        run resumed from a checkpoint written at the end of this step keeps the row (``zoo.loggers``)."""
         self.report = sparsity_report(pl_module)
         if pl_module._trainer is not None and pl_module.trainer.logger is not None:
-            pl_module.trainer.logger.log_metrics(
-                {"pruning/sparsity": self.report["total"]}, step=pl_module.trainer.global_step
-            )
+            pl_module.trainer.logger.log_metrics({"pruning/sparsity": self.report["total"]}, step=step)

@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from zoo.callbacks import EMA
 from zoo.checkpointing import AtomicCheckpointIO
-from zoo.resume import ResumableDataLoader, ResumeState
 from zoo.diffusion import LatentDiffusion
 from zoo.multitask import MultitaskModule
 from zoo.multitask.tasks import GENERATION, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, TaskSpec
 from zoo.optim import WarmupCosineLR
 from zoo.protein import Alphabet, ESM2MaskedLM
+from zoo.resume import ResumableDataLoader, ResumeState
 from zoo.vision import ImageClassifier
 
 SAMPLES, GLOBAL_BATCH, LENGTH = 48, 8, 16

@@ -282,7 +282,10 @@ class MultitaskModule(ZooModule):
         self.log("train/loss", total.detach(), prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         return total
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The weighting's projection (GradNorm's renormalisation) right after the step, before any callback's
+        ``on_train_batch_end``: a checkpoint written there holds the projected weights a resumed run goes on from."""
+        super().optimizer_step(*args, **kwargs)
         self.weighting.after_optimizer_step()
 
     def on_train_epoch_end(self) -> None:
