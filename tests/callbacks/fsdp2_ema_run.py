@@ -70,6 +70,8 @@ def main(out_dir: str, max_steps: int, resume_from: str | None) -> None:
             {"ema": dict(zip(state["names"], state["ema"])), "snapshots": model.snapshots},
             f"{out_dir}/result.pt",
         )
+    # tear gloo down before the interpreter does: left to exit, its threads can abort a finished process
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
