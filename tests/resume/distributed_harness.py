@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import REPO_ROOT
-from tests.resume.harness import QUIET, UNCOMPARED_CALLBACK_KEYS, UNCOMPARED_COLUMNS, _equal, logged_rows
+from tests.resume.harness import QUIET, _equal, assert_same_checkpoints_and_logs
 from zoo.checkpointing import consolidate_checkpoint
 from zoo.resume import find_last_checkpoint
 
@@ -94,24 +94,7 @@ def assert_same_end(resumed_root: Path, reference_root: Path, scratch: Path, ato
     schedulers, loops, callback states and the logged metrics of the resumed run equal the reference's."""
     resumed = final_checkpoint(resumed_root, scratch / "resumed")
     reference = final_checkpoint(reference_root, scratch / "reference")
-    for key in ("global_step", "epoch"):
-        assert resumed[key] == reference[key], key
-    for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops"):
-        _equal(resumed.get(key), reference.get(key), key, atol)
-    for name, state in reference["callbacks"].items():
-        assert name in resumed["callbacks"], f"callback state {name} missing after resume"
-        kept = {k: v for k, v in state.items() if k not in UNCOMPARED_CALLBACK_KEYS | {"log_rows"}}
-        other = {k: v for k, v in resumed["callbacks"][name].items() if k in kept}
-        _equal(other, kept, f"callbacks[{name}]", atol)
-    rows, expected = logged_rows(resumed_root), logged_rows(reference_root)
-    assert len(rows) == len(expected), f"{len(rows)} logged rows vs {len(expected)}"
-    for row, want in zip(rows, expected):
-        for column in want.keys() - UNCOMPARED_COLUMNS:
-            if atol and want[column] and row[column]:
-                assert abs(float(row[column]) - float(want[column])) <= max(atol * 10, 1e-4), column
-            else:
-                assert row[column] == want[column], f"{column}: {row[column]} vs {want[column]}"
-    return reference
+    return assert_same_checkpoints_and_logs(resumed, reference, resumed_root, reference_root, atol)
 
 
 CALLBACKS = "tests.resume.distributed_callbacks"

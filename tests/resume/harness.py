@@ -81,7 +81,15 @@ UNCOMPARED_COLUMNS = {
 def assert_same_end(resumed_root: Path, reference_root: Path, atol: float = 0.0) -> dict:
     """Weights, optimizer, schedulers, loop counters, callback states (EMA, generators...) and the logged
     metrics of the resumed run equal the uninterrupted run's (to ``atol`` where the family is not bit-exact)."""
-    resumed, reference = last_checkpoint(resumed_root), last_checkpoint(reference_root)
+    return assert_same_checkpoints_and_logs(
+        last_checkpoint(resumed_root), last_checkpoint(reference_root), resumed_root, reference_root, atol
+    )
+
+
+def assert_same_checkpoints_and_logs(
+    resumed: dict, reference: dict, resumed_root: Path, reference_root: Path, atol: float = 0.0
+) -> dict:
+    """The comparison of ``assert_same_end``, for checkpoints loaded by the caller (sharded ones merged)."""
     for key in ("global_step", "epoch"):
         assert resumed[key] == reference[key], key
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops"):
