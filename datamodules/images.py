@@ -31,11 +31,13 @@ from zoo.datamodules.shapes import COLOURS, SHAPES, ShapesDataset
 from zoo.datamodules.splits import SplitDataModule
 from zoo.errors import MissingFileError, ZooError
 from zoo.resume import ResumableDataLoader
+from zoo.serving import RequestCodec, image_field, text_field
 
 __all__ = [
     "ImageClassificationDataModule",
     "ImageFileDataset",
     "ImageFolderDataset",
+    "ImageRequestCodec",
     "StreamedImageDataset",
     "folder_layout",
     "predict_image_files",
@@ -216,6 +218,26 @@ class _WithIndexIds(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {"id": str(index), **self.dataset[index]}
+
+
+class ImageRequestCodec(RequestCodec):
+    """``zoo serve`` requests for an image classifier: ``{"image": base64, "id": optional}`` (or the image as a
+    multipart upload), read with the evaluation transform ``zoo predict`` applies to image files."""
+
+    fields = {"image": "the image, base64-encoded (PNG, JPEG, ...) or a multipart upload",
+              "id": "optional name, echoed in the answer"}  # fmt: skip
+    image_fields = ("image",)
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def parse(self, payload) -> dict:
+        payload = self.check_keys(payload)
+        item_id = text_field(payload, "id", required=False, default="request", max_length=1000)
+        return {"image": self.transform(image_field(payload, "image")), "id": item_id}
+
+    def collate(self, items) -> dict:
+        return {"image": torch.stack([item["image"] for item in items]), "id": [item["id"] for item in items]}
 
 
 class _ShapesAugment:
@@ -409,6 +431,10 @@ class ImageClassificationDataModule(SplitDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def request_codec(self) -> ImageRequestCodec:
+        """What ``zoo serve`` reads: one image per request, transformed as ``predict_path`` images are."""
+        return ImageRequestCodec(self._folder_transforms()[1])
 
     def predict_dataloader(self) -> DataLoader:
         """The ``predict_path`` images, else the test split; every item carries an ``"id"``."""

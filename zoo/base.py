@@ -106,6 +106,17 @@ class ZooModule(LightningModule):
         """A small batch in ``forward``'s input format (positional arguments), for tracing and export."""
         raise NotImplementedError(f"{type(self).__name__} does not define example_inputs()")
 
+    def export_graphs(self) -> list:
+        """What ``zoo export --format pt2|onnx`` writes (``zoo.export.ExportGraph``): by default ``forward`` on
+        ``example_inputs()`` with a dynamic batch. Families whose inference is several calls list each."""
+        from zoo.export import default_graph
+
+        return [default_graph(self, self.example_inputs, name="model")]
+
+    def library_exports(self) -> dict:
+        """Formats other libraries load (``{"timm": write(folder) -> [files]}``), for ``zoo export --format``."""
+        return {}
+
     # ---------------------------------------------------------------- metrics
     def _setup_metrics(self, configured: MetricCollection | dict[str, MetricCollection] | None) -> None:
         if configured is None:

@@ -137,6 +137,11 @@ TOOLS: dict[str, tuple[str, str | Callable[[Sequence[str]], None]]] = {
         "conditional accuracy of a latent diffusion model, judged by a trained classifier",
         "zoo.diffusion.evaluation:main",
     ),
+    "export": (
+        "write a trained model as torch.export/ONNX graphs or another library's format",
+        "zoo.export:main",
+    ),
+    "serve": ("serve a trained model over HTTP with dynamic batching (LitServe)", "zoo.serve:main"),
     "data": (
         "convert a data set into LitData's streaming format (zoo data optimize)",
         "zoo.streaming:main",

@@ -1,0 +1,107 @@
+"""A trained model and its data module, outside a Trainer: what ``zoo export`` and ``zoo serve`` start from.
+
+Both commands take the arguments ``zoo predict`` takes (``--config`` files, ``--ckpt_path``, ``--model.*`` /
+``--data.*`` overrides), so the model is built exactly as ``zoo predict`` builds it: the zoo's CLI parses the
+config, merges the checkpoint's hyper-parameters (upgraded by the model class) and feeds the data module's
+links into the model. The weights are then loaded as Lightning loads them, through the module's
+``on_load_checkpoint`` (renamed keys of earlier versions, frozen parts a checkpoint omits), with compression
+records (pruning, quantization, weight sharing) replayed first, so a compressed checkpoint loads too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, LightningModule
+
+from zoo.checkpointing import CheckpointError, load_checkpoint_file
+from zoo.cli import ZooCLI, prepare_arguments
+from zoo.errors import MissingFileError
+
+__all__ = ["TrainedModel", "load_data_module", "load_trained_model", "load_weights"]
+
+
+@dataclass
+class TrainedModel:
+    """A model in eval mode with its weights loaded, and the data module of its config (set up to predict)."""
+
+    module: LightningModule
+    datamodule: LightningDataModule | None
+    checkpoint: str | None
+
+    @property
+    def name(self) -> str:
+        return type(self.module).__name__
+
+
+def load_trained_model(config_args: Sequence[str], ckpt_path: str | None) -> TrainedModel:
+    """Build the model and data of ``config_args`` (``["--config", "x.yaml", "--data.init_args...", ...]``) and
+    load ``ckpt_path`` into the model (``None``: the config's own initial weights, e.g. for a smoke test)."""
+    if ckpt_path is not None:
+        path = Path(ckpt_path)
+        if not path.exists():
+            raise MissingFileError(f"--ckpt_path {ckpt_path}: no such file")
+        if path.is_dir():
+            raise CheckpointError(
+                f"{ckpt_path} is a sharded checkpoint (FSDP/DeepSpeed): merge it into one file with "
+                f"`zoo consolidate {ckpt_path} model.ckpt`, then pass that file"
+            )
+    args = ["predict", *config_args, "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+    if ckpt_path is not None:
+        args += ["--ckpt_path", str(ckpt_path)]
+    cli = _BuildOnlyCLI(args=prepare_arguments(args))
+    module = cli.model
+    if ckpt_path is not None:
+        load_weights(module, ckpt_path)
+    module.eval()
+    datamodule = cli.datamodule
+    if datamodule is not None:
+        datamodule.setup("predict")
+    return TrainedModel(module, datamodule, None if ckpt_path is None else str(ckpt_path))
+
+
+def load_weights(module: LightningModule, ckpt_path: str | Path) -> None:
+    """Load a single-file checkpoint into ``module`` as a Trainer would, compression records replayed first."""
+    from zoo.callbacks.compression.records import CHECKPOINT_KEY, replay, size_observers_like
+
+    checkpoint = load_checkpoint_file(ckpt_path, weights_only=True)
+    if "state_dict" not in checkpoint:
+        raise CheckpointError(f"{ckpt_path} holds no 'state_dict': it is not a Lightning checkpoint")
+    records = checkpoint.get(CHECKPOINT_KEY) or []
+    if records:
+        replay(module, records)
+        size_observers_like(module, checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    try:
+        module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{ckpt_path} does not fit {type(module).__name__} as configured: {error}"
+        ) from error
+
+
+def load_data_module(config_args: Sequence[str]) -> tuple[LightningDataModule | None, str]:
+    """The data module of ``config_args`` set up to predict, and the name of its model class, without building
+    the model (a server's HTTP process checks requests with the data module alone)."""
+    cli = _DataOnlyCLI(args=prepare_arguments(["predict", *config_args, "--trainer.logger=false"]))
+    if cli.datamodule is not None:
+        cli.datamodule.setup("predict")
+    return cli.datamodule, cli.model_name
+
+
+class _BuildOnlyCLI(ZooCLI):
+    """The zoo's CLI stopped once it built the model, data and trainer (``predict`` reads the checkpoint)."""
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        return None
+
+
+class _DataOnlyCLI(_BuildOnlyCLI):
+    """The zoo's CLI stopped once it parsed the config and built the data module."""
+
+    def instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        self.datamodule = self._instantiate_data(config)
+        self.model_name = str(config.model.class_path).rsplit(".", 1)[-1] if config.get("model") else "model"
