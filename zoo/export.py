@@ -7,7 +7,8 @@ batch; families whose inference is more than one call (a diffusion model's denoi
 step with its cache, BEVFormer's frame with the previous BEV) list several graphs. Sampling loops, beam search
 and temporal queues stay in Python, around the exported graphs.
 
-Writing a graph always checks it: the saved file is loaded back (``torch.export.load``, or an onnxruntime
+An exported graph takes its inputs positionally and returns a tuple of tensors in ``output_names`` order, in
+both formats. Writing a graph always checks it: the saved file is loaded back (``torch.export.load``, or an onnxruntime
 session) and run on the trace batch and on the check batch; the largest absolute difference to the eager
 model goes into ``export.json`` next to the files, and an export beyond the graph's tolerance is an error.
 
