@@ -30,6 +30,7 @@ from zoo.base import IGNORE_INDEX
 from zoo.datamodules.proteins import (
     ProteinDataset,
     ProteinLoaders,
+    ProteinRequestCodec,
     embedded_fasta,
     open_usable,
     select_records,
@@ -297,6 +298,10 @@ class ProteinLabelDataModule(ProteinLoaders):
         self.train_set = subset(splits[0], crop=True)
         self.val_set = subset(splits[1], crop=False)
         self.test_set = subset(splits[2], crop=False) if len(splits[2]) else self.val_set
+
+    def request_codec(self) -> ProteinRequestCodec:
+        """What ``zoo serve`` reads: one sequence per request (no label), as ``ProteinDataModule``'s."""
+        return ProteinRequestCodec(self.alphabet, self.hparams.max_length)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(

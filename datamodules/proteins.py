@@ -21,6 +21,9 @@ metadata holds each record's length, ``X`` count and id hash, so splits, token b
 those of the FASTA file. Bad records were refused, or left out and counted, when it was optimized
 (``--on-invalid``); ``on_invalid`` does not apply to it.
 
+``zoo serve`` reads one protein per request, ``{"sequence": "MKT...", "id": optional}``
+(``ProteinRequestCodec``), into the batches ``predict`` takes.
+
 Batches are ``{"tokens": (B, T) int64, "ids": [...]}`` (plus ``"contacts"`` (B, T-2, T-2), -1 where
 unknown, when contact maps are given), either ``batch_size`` sequences or, with ``max_tokens``,
 as many length-sorted sequences as fit in a padded token budget (``TokenBudgetBatchSampler``).
@@ -43,14 +46,16 @@ from zoo.datamodules.epoch_plans import EpochPlanBatchSampler
 from zoo.datamodules.splits import SplitDataModule
 from zoo.errors import MissingFileError, ZooError
 from zoo.protein.alphabet import Alphabet
-from zoo.protein.fasta import OK, PROBLEM_NAMES, FastaIndex, ProteinRecord
+from zoo.protein.fasta import ALLOWED, OK, PROBLEM_NAMES, FastaIndex, ProteinRecord
 from zoo.resume import ResumableDataLoader
+from zoo.serving import RequestCodec, text_field
 
 __all__ = [
     "ContactMaps",
     "ProteinCollate",
     "ProteinDataModule",
     "ProteinDataset",
+    "ProteinRequestCodec",
     "StreamedFasta",
     "TokenBudgetBatchSampler",
     "embedded_fasta",
@@ -198,6 +203,38 @@ class ProteinCollate:
                     contacts[row, :n, :n] = torch.from_numpy(np.ascontiguousarray(example["contacts"]))
             batch["contacts"] = contacts
         return batch
+
+
+class ProteinRequestCodec(RequestCodec):
+    """``zoo serve`` requests: ``{"sequence": "MKT...", "id": optional}``, collated as ``predict`` batches.
+
+    A sequence is read as FASTA records are (``zoo.protein.fasta``): the single-letter ESM tokens
+    (``LAGVSERTIDPKQNFYMHWCXBUZO.-``), lowercase upper-cased, a final ``*`` (stop codon) dropped; any other
+    character (``J``, a digit, whitespace, an inline ``<mask>``) is refused with its position. A sequence longer than
+    ``max_length`` is refused, naming the limit: ``zoo predict`` cuts such a FASTA record to its start, but
+    a server answering for a cut protein without saying so would mislead.
+    """
+
+    fields = {"sequence": "the protein's amino acids, one letter each (ESM alphabet)",
+              "id": "optional name, echoed in the answer"}  # fmt: skip
+
+    def __init__(self, alphabet: Alphabet, max_length: int) -> None:
+        self.max_length = max_length
+        self.letters = set(ALLOWED.decode()) | set(ALLOWED.decode().lower())
+        self._collate = ProteinCollate(alphabet)
+
+    def parse(self, payload) -> dict:
+        payload = self.check_keys(payload)
+        item_id = text_field(payload, "id", required=False, default="request", max_length=1000)
+        sequence = payload.get("sequence")
+        if isinstance(sequence, str):
+            payload = {**payload, "sequence": sequence.rstrip("*")}
+        sequence = text_field(payload, "sequence", max_length=self.max_length, alphabet=self.letters)
+        return {"id": item_id, "sequence": sequence.upper()}
+
+    def collate(self, items) -> dict:
+        """``{"tokens": (B, T), "ids"}``: ``<cls>``, residues, ``<eos>``, ``<pad>``, as the predict loader."""
+        return self._collate(items)
 
 
 class TokenBudgetBatchSampler(EpochPlanBatchSampler):
@@ -454,6 +491,10 @@ class ProteinDataModule(ProteinLoaders):
             chosen = {"all": usable, "train": train, "val": val, "test": test}[hp.predict_split]
             self.predict_set = ProteinDataset(index, chosen, hp.max_length, crop=False)
         self.index = index
+
+    def request_codec(self) -> ProteinRequestCodec:
+        """What ``zoo serve`` reads: one sequence per request, of at most ``max_length`` residues."""
+        return ProteinRequestCodec(self.alphabet, self.hparams.max_length)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set, shuffle=False)

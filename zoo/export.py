@@ -155,7 +155,7 @@ def max_difference(expected: Sequence[Tensor], actual: Sequence[Any]) -> float:
     """The largest absolute difference over all outputs (shape mismatches are an error, not a number)."""
     worst = 0.0
     for want, got in zip(expected, actual, strict=True):
-        got = torch.as_tensor(got)
+        got = torch.as_tensor(got, device=want.device)
         if tuple(got.shape) != tuple(want.shape):
             raise ExportError(f"exported output has shape {tuple(got.shape)}, eager {tuple(want.shape)}")
         if want.numel():
@@ -225,7 +225,7 @@ def _write_onnx(graph: ExportGraph, folder: Path) -> tuple[Path, Callable[[tuple
     def run(inputs: tuple[Tensor, ...]) -> Any:
         # inputs the graph does not read (e.g. a constant mask) are dropped from the ONNX signature
         named = dict(zip(graph.input_names, inputs))
-        return session.run(None, {name: named[name].numpy() for name in feeds})
+        return session.run(None, {name: named[name].detach().cpu().numpy() for name in feeds})
 
     return path, run
 

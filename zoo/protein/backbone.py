@@ -68,9 +68,9 @@ def init_module_for_training(module: nn.Module, std: float = 0.02) -> None:
 
 
 def _residue_mask(tokens: torch.Tensor, alphabet: Alphabet) -> torch.Tensor:
-    """True at residues, False at ``<cls>``/``<eos>``/``<pad>``."""
-    special = torch.tensor([alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx], device=tokens.device)
-    return ~torch.isin(tokens, special)
+    """True at residues, False at ``<cls>``/``<eos>``/``<pad>`` (comparisons, not ``torch.isin``: ONNX has no
+    lowering of the ``searchsorted`` it becomes)."""
+    return tokens.ne(alphabet.cls_idx) & tokens.ne(alphabet.eos_idx) & tokens.ne(alphabet.padding_idx)
 
 
 def mean_over_residues(hidden: torch.Tensor, tokens: torch.Tensor, alphabet: Alphabet) -> torch.Tensor:

@@ -130,6 +130,13 @@ class ESM2Finetuner(OldSizeArguments, ZooModule):
     def example_inputs(self, batch_size: int = 2) -> tuple[torch.Tensor]:
         return (example_tokens(self.alphabet, batch_size, self.device),)
 
+    def export_graphs(self) -> list:
+        """``forward`` with a dynamic batch and sequence length, traced and checked on padded batches (the
+        default graph would fix the length of ``example_inputs``)."""
+        from zoo.protein.export import tokens_graph
+
+        return [tokens_graph("model", self, self.alphabet, ("output",), self.device)]
+
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, T, D)`` hidden states of ``representation_layer``."""
         return self.model(tokens, repr_layers=[self.layer])["representations"][self.layer]

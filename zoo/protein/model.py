@@ -94,9 +94,17 @@ class RotaryEmbedding(nn.Module):
         self, length: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self._cache
-        stale = cache is None or cache[0] < length or cache[1] != device or cache[2] != dtype
-        # tables made under inference_mode cannot take part in autograd later
-        if stale or (cache[3].is_inference() and not torch.is_inference_mode_enabled()):
+        # a traced graph (torch.export: the length is a symbol) computes the tables in the graph; tables made
+        # under inference_mode cannot take part in autograd later
+        stale = (
+            torch.compiler.is_exporting()
+            or cache is None
+            or cache[0] < length
+            or cache[1] != device
+            or cache[2] != dtype
+            or (cache[3].is_inference() and not torch.is_inference_mode_enabled())
+        )
+        if stale:
             t = torch.arange(length, device=device).type_as(self.inv_freq)
             freqs = torch.outer(t, self.inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
@@ -330,7 +338,8 @@ class ESM2(nn.Module):
         need_weights = need_head_weights or return_contacts
         padding_mask = tokens.eq(self.padding_idx)
         x = self.embed(tokens, padding_mask)
-        has_pads = bool(padding_mask.any())
+        # An exported graph cannot branch on the data: it always masks (an all-True mask changes nothing).
+        has_pads = torch.compiler.is_exporting() or bool(padding_mask.any())
         key_mask = (~padding_mask)[:, None, None, :] if has_pads else None
 
         repr_layers = set(repr_layers)

@@ -11,6 +11,9 @@ sequences also go through the contact head and contact precision (``ContactPreci
 P@L/5, short/medium/long range) is logged as ``val/contact_P@L_long`` etc. ``predict`` returns one
 record per protein: its embedding (mean over residues of ``embedding_layer``) and, with
 ``predict_contacts``, its contact map.
+
+``zoo export`` writes the ``esm2`` and ``contacts`` graphs (pt2, ONNX) or the ``hf`` / ``fair-esm`` files
+(``zoo.protein.export``); ``zoo serve`` answers ``{"sequence": ...}`` requests with the predict record.
 """
 
 from __future__ import annotations
@@ -138,6 +141,21 @@ class ESM2MaskedLM(OldSizeArguments, ZooModule):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """MLM logits ``(B, T, 33)``: the prediction the loss is computed on."""
         return self.model(tokens)["logits"]
+
+    def export_graphs(self) -> list:
+        """``esm2`` (MLM logits, ``embedding_layer`` per residue and pooled) and ``contacts``, each with a dynamic
+        batch and sequence length (``zoo.protein.export``)."""
+        from zoo.protein.export import esm2_graphs
+
+        return esm2_graphs(
+            self.model, self.hparams.embedding_layer % (self.model.num_layers + 1), self.device
+        )
+
+    def library_exports(self) -> dict:
+        """``hf`` (a transformers ``EsmForMaskedLM`` folder) and ``fair-esm`` (a checkpoint fair-esm loads)."""
+        from zoo.protein.export import esm2_library_exports
+
+        return esm2_library_exports(lambda: self.model)
 
     def _step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         inputs, labels = mask_tokens(batch["tokens"], self.alphabet, self.hparams.mask_prob, generator)
