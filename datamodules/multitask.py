@@ -27,7 +27,9 @@ list) for regression, ``"target"`` (text) for generation. Problems are reported 
 the line and the task.
 
 ``predict`` runs every task on each expression of ``predict_path`` (a text file, one expression a
-line), or by default on the test split's expressions.
+line), or by default on the test split's expressions. ``zoo serve`` reads one expression a request
+(``MultitaskRequestCodec``: ``{"text": "(1+2)*3", "id": optional}``), checked and tokenized as
+``predict_path`` lines are, into the same batches.
 """
 
 from __future__ import annotations
@@ -69,16 +71,20 @@ from zoo.multitask.tasks import (
 )
 from zoo.multitask.vocab import EOS_ID, PAD_ID, SPECIAL_TOKENS, Vocabulary
 from zoo.resume import ResumableDataLoader
+from zoo.serving import RequestCodec, RequestError, text_field
 
 __all__ = [
     "ARITHMETIC_TASKS",
     "MultitaskDataModule",
+    "MultitaskRequestCodec",
     "PredictTexts",
     "TaskBatchSampler",
     "TaskDataset",
     "arithmetic_examples",
+    "predict_batch",
     "read_expressions",
     "read_task_jsonl",
+    "vocabulary_error",
 ]
 
 COMBINED_MODES = ("max_size_cycle", "min_size", "max_size", "sequential")
@@ -425,32 +431,57 @@ def _encode(pairs, spec: TaskSpec, vocab: Vocabulary) -> list[Example]:
 
 
 # ---------------------------------------------------------------------------------------- predict
+def vocabulary_error(text: str, vocab: Vocabulary) -> str | None:
+    """What keeps ``text`` from being read with ``vocab`` (its first token outside it, with the position), or
+    ``None``. Special tokens written out (``<pad>``) are outside too: the model never reads them as text."""
+    kind = "character" if vocab.tokenizer == "char" else "token"
+    for position, token in enumerate(vocab.split(text)):
+        if token not in vocab.stoi or vocab.stoi[token] < len(SPECIAL_TOKENS):
+            tokens = vocab.itos[len(SPECIAL_TOKENS) :]
+            known = (
+                repr("".join(tokens))
+                if kind == "character"
+                else f"of {len(tokens)} tokens read from the data"
+            )
+            return f"{kind} {token!r} at position {position} is outside the vocabulary {known}"
+    return None
+
+
 def read_expressions(path: str | Path, vocab: Vocabulary) -> list[str]:
     """The expressions of a text file, one a line (blank lines skipped), every token in ``vocab``."""
     path = Path(path)
-    kind = "character" if vocab.tokenizer == "char" else "token"
-    tokens = vocab.itos[len(SPECIAL_TOKENS) :]
-    known = repr("".join(tokens)) if kind == "character" else f"of {len(tokens)} tokens read from the data"
     texts = []
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             text = line.strip()
             if not text:
                 continue
-            for position, token in enumerate(vocab.split(text)):
-                if token not in vocab.stoi or vocab.stoi[token] < len(SPECIAL_TOKENS):
-                    raise ZooError(
-                        f"{path}:{line_no}: {kind} {token!r} at position {position} "
-                        f"is outside the vocabulary {known}"
-                    )
+            problem = vocabulary_error(text, vocab)
+            if problem is not None:
+                raise ZooError(f"{path}:{line_no}: {problem}")
             texts.append(text)
     if not texts:
         raise ZooError(f"{path}: the file holds no expression (expected one a line)")
     return texts
 
 
+def predict_batch(texts: list[str], ids: list[list[int]], names: list[str] | None = None) -> dict[str, Any]:
+    """``{"text", "id", "input_ids", "padding_mask"}``: the texts, their names (default: the texts), their ids
+    padded to the longest. The one predict batch format, of ``zoo predict`` and ``zoo serve`` alike."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), PAD_ID, dtype=torch.long)
+    for row, row_ids in enumerate(ids):
+        input_ids[row, : len(row_ids)] = torch.tensor(row_ids)
+    return {
+        "text": list(texts),
+        "id": list(texts) if names is None else list(names),
+        "input_ids": input_ids,
+        "padding_mask": input_ids.ne(PAD_ID),
+    }
+
+
 class PredictTexts(Dataset):
-    """Expressions to predict on; ``collate`` pads some into ``{"text", "input_ids", "padding_mask"}``."""
+    """Expressions to predict on; ``collate`` pads some into ``predict_batch``'s format (named by their text)."""
 
     def __init__(self, texts: list[str], vocab: Vocabulary) -> None:
         self.texts = texts
@@ -464,15 +495,55 @@ class PredictTexts(Dataset):
 
     @staticmethod
     def collate(items: list[tuple[str, list[int]]]) -> dict[str, Any]:
-        width = max(len(ids) for _, ids in items)
-        input_ids = torch.full((len(items), width), PAD_ID, dtype=torch.long)
-        for row, (_, ids) in enumerate(items):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
+        return predict_batch([text for text, _ in items], [ids for _, ids in items])
+
+
+class MultitaskRequestCodec(RequestCodec):
+    """``zoo serve`` requests for a multitask model: ``{"text": "(1+2)*3", "id": optional}``; every task runs
+    on the text, as ``zoo predict`` runs them on a line of ``predict_path``.
+
+    The text is checked as those lines are (a token outside the data's vocabulary is named with its position;
+    nothing is mapped to ``<unk>``), and against ``max_length`` tokens, so one request cannot make a batch
+    arbitrarily long. Batches are ``predict_batch``'s, the predict loader's format.
+    """
+
+    fields = {"text": "the input, written in the data's vocabulary (for the embedded tasks an expression "
+                      "such as '(1+2)*3')",
+              "id": "optional name, echoed in the answer (default: the text)"}  # fmt: skip
+
+    def __init__(self, vocabulary: Vocabulary, max_length: int) -> None:
+        self.vocabulary = vocabulary
+        self.max_length = max_length
+
+    def parse(self, payload) -> dict[str, Any]:
+        payload = self.check_keys(payload)
+        text = text_field(payload, "text")
+        tokens = self.vocabulary.split(text)
+        unit = "characters" if self.vocabulary.tokenizer == "char" else "tokens"
+        if not tokens:
+            raise RequestError("text", "holds no token (only whitespace)")
+        if len(tokens) > self.max_length:
+            raise RequestError(
+                "text",
+                f"{len(tokens)} {unit}, more than the limit of {self.max_length} "
+                "(the data module's max_request_length)",
+            )
+        problem = vocabulary_error(text, self.vocabulary)
+        if problem is not None:
+            raise RequestError("text", problem)
+        name = text_field(payload, "id", required=False, max_length=1000)
         return {
-            "text": [text for text, _ in items],
-            "input_ids": input_ids,
-            "padding_mask": input_ids.ne(PAD_ID),
+            "text": text,
+            "id": text if name is None else name,
+            "input_ids": self.vocabulary.encode(tokens),
         }
+
+    def collate(self, items) -> dict[str, Any]:
+        return predict_batch(
+            [item["text"] for item in items],
+            [item["input_ids"] for item in items],
+            [item["id"] for item in items],
+        )
 
 
 # ------------------------------------------------------------------------------------- DataModule
@@ -494,6 +565,8 @@ class MultitaskDataModule(SplitDataModule):
             ``*`` operators); the defaults keep values within -81..162.
         predict_path: a text file of expressions to predict on, one a line, written in the vocabulary
             (a character outside it fails naming the file and line); ``None``: the test split's expressions.
+        max_request_length: the longest text ``zoo serve`` accepts, in tokens (characters for the ``char``
+            tokenizer); a longer request is refused naming this limit.
     """
 
     #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
@@ -524,6 +597,7 @@ class MultitaskDataModule(SplitDataModule):
         seed: int = 0,
         num_workers: int = 0,
         predict_path: str | None = None,
+        max_request_length: int = 256,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tasks"])
@@ -544,6 +618,8 @@ class MultitaskDataModule(SplitDataModule):
             raise MissingFileError(f"data_dir {data_dir!r} is not a directory")
         if predict_path is not None and not Path(predict_path).is_file():
             raise MissingFileError(f"predict_path {predict_path!r} is not a file")
+        if max_request_length < 1:
+            raise ZooError(f"max_request_length must be >= 1, got {max_request_length}")
         if not 1 <= min_operands <= max_operands:
             raise ZooError(f"need 1 <= min_operands <= max_operands, got {min_operands}, {max_operands}")
         self.tasks = specs
@@ -613,9 +689,15 @@ class MultitaskDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage == "fit" and self.hparams.mode == "sequential":
             self._reject_sequential()
+        if stage == "predict":  # the splits only when predicting on the test split (see predict_dataloader)
+            if self.hparams.predict_path is not None and self.predict_set is None:
+                self.predict_set = PredictTexts(
+                    read_expressions(self.hparams.predict_path, self.vocabulary), self.vocabulary
+                )
+            return
         if not self.datasets:
             self.datasets = self._task_splits()
-        if stage in (None, "predict") and self.predict_set is None:
+        if stage is None and self.predict_set is None:
             self.predict_set = PredictTexts(self._predict_texts(), self.vocabulary)
 
     def _predict_texts(self) -> list[str]:
@@ -709,9 +791,21 @@ class MultitaskDataModule(SplitDataModule):
     def test_dataloader(self):
         return self._eval_loader("test")
 
+    def request_codec(self) -> MultitaskRequestCodec:
+        """What ``zoo serve`` reads: one text a request, checked and tokenized as ``predict_path`` lines are."""
+        return MultitaskRequestCodec(self.vocabulary, self.hparams.max_request_length)
+
     def predict_dataloader(self):
-        """Expressions in file order, ``{"text", "input_ids", "padding_mask"}``: every task runs on each."""
+        """Expressions in file order, ``{"text", "id", "input_ids", "padding_mask"}``: every task runs on each.
+
+        Without ``predict_path``, the test split's expressions: the data is generated (or read) here, on first
+        use, not in ``setup("predict")``, so a server, which needs only the vocabulary, starts without it.
+        """
         hp = self.hparams
+        if self.predict_set is None:
+            if not self.datasets:
+                self.datasets = self._task_splits()
+            self.predict_set = PredictTexts(self._predict_texts(), self.vocabulary)
         return DataLoader(
             self.predict_set,
             batch_size=hp.eval_batch_size or hp.batch_size,

@@ -38,14 +38,18 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.base = base
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate ``x`` (B, H, T, d) as if its first token sat at position ``offset``."""
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """Rotate ``x`` (B, H, T, d) as if its first token sat at position ``offset``.
+
+        ``offset`` may be a 0-dim integer tensor (an exported decoder step takes its position as an input):
+        the positions are ``arange(T) + offset``, the same numbers either way.
+        """
         t = x.shape[-2]
         inv_freq = 1.0 / (
             self.base
             ** (torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32) / self.head_dim)
         )
-        positions = torch.arange(offset, offset + t, device=x.device, dtype=torch.float32)
+        positions = torch.arange(t, device=x.device, dtype=torch.float32) + offset
         angles = torch.outer(positions, inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
@@ -138,16 +142,13 @@ class Attention(nn.Module):
         ``key_mask`` (B, S) is True where a key is a real token; ``causal`` lets query ``i`` see keys
         up to its own position ``offset + i``; ``cache`` holds earlier steps' keys/values.
         """
-        b, t, _ = x.shape
-        q = self._split(self.q_proj(x), self.num_heads)
+        t = x.shape[1]
         if memory_kv is None:
-            k, v = self.kv_proj(x).chunk(2, dim=-1)
-            k, v = self._split(k, self.num_kv_heads), self._split(v, self.num_kv_heads)
-            if self.rotary is not None:
-                q, k = self.rotary(q, offset), self.rotary(k, offset)
+            q, k, v = self.self_projections(x, offset)
             if cache is not None:
                 k, v = cache.append(k, v)
         else:  # cross-attention: keys/values precomputed, no positions (the two sides are unrelated)
+            q = self._split(self.q_proj(x), self.num_heads)
             k, v = memory_kv
         s = k.shape[-2]
         mask = None
@@ -157,6 +158,25 @@ class Attention(nn.Module):
             # query i is at absolute position s - t + i and sees keys 0 .. s - t + i
             allowed = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t)
             mask = allowed if mask is None else mask & allowed
+        return self.attend(q, k, v, mask)
+
+    def self_projections(
+        self, x: torch.Tensor, offset: int | torch.Tensor = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, d) and keys/values (B, Hkv, T, d) of ``x``, rotated to start at ``offset``."""
+        q = self._split(self.q_proj(x), self.num_heads)
+        k, v = self.kv_proj(x).chunk(2, dim=-1)
+        k, v = self._split(k, self.num_kv_heads), self._split(v, self.num_kv_heads)
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        return q, k, v
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention of queries (B, H, T, d) over keys/values (B, Hkv, S, d), True in ``mask`` where a key may
+        be seen, then the output projection: (B, T, D). Shared with the exported decoder step."""
+        b, _, t, _ = q.shape
         if self.num_kv_heads != self.num_heads:
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -168,10 +168,12 @@ class MultitaskTransformer(nn.Module):
         return cls(vocab_size, tasks, **preset_arguments(model_name, overrides))
 
     # ------------------------------------------------------------------ pieces
-    def embed_tokens(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def embed_tokens(self, ids: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """Scaled embeddings of ``ids`` (B, T), the first at position ``offset`` (an int, or a 0-dim tensor in
+        an exported decoder step)."""
         x = self.embed(ids) * math.sqrt(self.d_model)
         if self.positions == "sinusoidal":
-            positions = torch.arange(offset, offset + ids.shape[1], device=ids.device)
+            positions = torch.arange(ids.shape[1], device=ids.device) + offset
             x = x + sinusoidal_positions(positions, self.d_model).to(x.dtype)
         return self.embed_dropout(x)
 

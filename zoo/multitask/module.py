@@ -194,6 +194,15 @@ class MultitaskModule(ZooModule):
             return inputs
         return (*inputs, teacher_forcing_inputs(input_ids[:, :4]))
 
+    def export_graphs(self) -> list:
+        """What ``zoo export --format pt2|onnx`` writes (``zoo.multitask.graphs``): ``<task>`` for each
+        classification, tagging or regression task, ``<task>_encoder`` and ``<task>_decoder_step`` (the
+        self-attention cache as an input and an output) for each generation task; dynamic batch and length.
+        ``zoo.multitask.graphs.greedy_decode`` runs the two generation graphs as ``generate`` decodes."""
+        from zoo.multitask.graphs import task_graphs
+
+        return task_graphs(self.model)
+
     # ------------------------------------------------------------------ model
     def forward(
         self,
@@ -313,9 +322,11 @@ class MultitaskModule(ZooModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """One record per input expression, every task run on it.
 
-        A batch is ``{"text": [...], "input_ids", "padding_mask"}`` (from
-        ``MultitaskDataModule.predict_dataloader``). Record: ``{"id": text, "expression": text,
-        <task>: prediction, ...}`` in task order, where a prediction is, by task type:
+        A batch is ``{"text": [...], "id": [...], "input_ids", "padding_mask"}`` (from
+        ``MultitaskDataModule.predict_dataloader``, or ``zoo serve``'s ``MultitaskRequestCodec``). Record:
+        ``{"id": name, "expression": text, <task>: prediction, ...}`` in task order (the name is the text
+        unless a request gave one; a batch without ``"id"`` names records by their text), where a prediction
+        is, by task type:
 
         - sequence classification: the class name (``TaskSpec.label_names``), else the class id;
         - token classification: a list with one tag name (or id) per input token;
@@ -324,9 +335,10 @@ class MultitaskModule(ZooModule):
         """
         input_ids, padding_mask = batch["input_ids"], batch["padding_mask"]
         per_task = {task: self._predict_task(task, input_ids, padding_mask) for task in self.tasks}
+        names = batch.get("id", batch["text"])
         return [
-            {"id": text, "expression": text, **{task: values[row] for task, values in per_task.items()}}
-            for row, text in enumerate(batch["text"])
+            {"id": name, "expression": text, **{task: values[row] for task, values in per_task.items()}}
+            for row, (name, text) in enumerate(zip(names, batch["text"]))
         ]
 
     def _predict_task(self, task: str, input_ids: torch.Tensor, padding_mask: torch.Tensor) -> list:
