@@ -19,6 +19,9 @@ Each item is one key frame with the ``queue_length - 1`` frames before it (BEVFo
 Ground truth is filtered as nuScenes and BEVFormer filter it, with the counts kept in ``filter_counts``:
 boxes whose centre lies outside the BEV range are dropped (as ``ObjectRangeFilter``), and so are boxes that
 no camera sees (fewer than ``min_pixels`` rendered pixels; nuScenes drops boxes without lidar points).
+
+``BEVRequestCodec`` (``BEVDetectionDataModule.request_codec()``) reads a ``zoo serve`` request, one sample
+with its cameras, CAN bus and earlier frames, into such an item, as the info files are read.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,14 +42,18 @@ from zoo.datamodules.bev_scenes import CAMERA_NAMES, CLASS_STYLE, make_scene, nu
 from zoo.datamodules.splits import SplitDataModule
 from zoo.errors import MissingFileError, ZooError
 from zoo.resume import ResumableDataLoader
+from zoo.serving import RequestCodec, RequestError, image_field, text_field
 
 __all__ = [
     "BEVDetectionDataModule",
+    "BEVRequestCodec",
     "NuScenesInfoDataset",
     "SyntheticSceneDataset",
     "can_bus_vector",
     "collate_bev",
+    "lidar2img_from_calibration",
     "pose_matrix",
+    "resize_camera",
 ]
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -82,6 +90,30 @@ def pose_matrix(rotation: Sequence[float], translation: Sequence[float]) -> np.n
     ]
     pose[:3, 3] = translation
     return pose
+
+
+def lidar2img_from_calibration(intrinsic, sensor2lidar_rotation, sensor2lidar_translation) -> np.ndarray:
+    """BEVFormer's ``lidar2img`` (4, 4, float64) from an info file's camera entry: ``K_pad @ lidar2cam``,
+    with ``lidar2cam = [R^T | -R^T t]`` for the camera-to-lidar pose (R, t)."""
+    rotation = np.asarray(sensor2lidar_rotation, dtype=np.float64)
+    translation = np.asarray(sensor2lidar_translation, dtype=np.float64)
+    lidar2cam = np.eye(4)
+    lidar2cam[:3, :3] = rotation.T
+    lidar2cam[:3, 3] = -rotation.T @ translation
+    view = np.eye(4)
+    view[:3, :3] = np.asarray(intrinsic, dtype=np.float64)
+    return view @ lidar2cam
+
+
+def resize_camera(image, lidar2img: np.ndarray, img_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A camera's ``PIL`` image resized (bilinear) to ``img_size`` (H, W) as a (H, W, 3) uint8 array, and its
+    ``lidar2img`` (for the image as given) scaled to the resized pixels. An image of that size is unchanged."""
+    from PIL import Image
+
+    height, width = img_size
+    scale = np.diag([width / image.width, height / image.height, 1.0, 1.0])
+    resized = image.convert("RGB").resize((width, height), Image.BILINEAR)
+    return np.asarray(resized), scale @ lidar2img
 
 
 def _normalise(images: np.ndarray) -> torch.Tensor:
@@ -316,30 +348,27 @@ class NuScenesInfoDataset(Dataset):
         return pose
 
     def _lidar2img(self, info: dict) -> np.ndarray:
-        """BEVFormer's formula: ``K_pad @ [R^T | -t R^T]^T`` with R, t the camera-to-lidar pose, rescaled."""
-        mats = []
-        for cam in self.cameras:
-            entry = info["cams"][cam]
-            rotation = np.asarray(entry["sensor2lidar_rotation"], dtype=np.float64)
-            translation = np.asarray(entry["sensor2lidar_translation"], dtype=np.float64)
-            lidar2cam = np.eye(4)
-            lidar2cam[:3, :3] = rotation.T
-            lidar2cam[:3, 3] = -rotation.T @ translation
-            view = np.eye(4)
-            view[:3, :3] = np.asarray(entry["cam_intrinsic"], dtype=np.float64)
-            mats.append(view @ lidar2cam)
-        return np.stack(mats)
+        """Every camera's ``lidar2img`` for its image as stored (``lidar2img_from_calibration``)."""
+        cams = info["cams"]
+        return np.stack(
+            [
+                lidar2img_from_calibration(
+                    cams[cam]["cam_intrinsic"],
+                    cams[cam]["sensor2lidar_rotation"],
+                    cams[cam]["sensor2lidar_translation"],
+                )
+                for cam in self.cameras
+            ]
+        )
 
     def _frame(self, info: dict) -> tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
 
-        height, width = self.img_size
         images, mats = [], self._lidar2img(info)
         for n, cam in enumerate(self.cameras):
             with Image.open(self.data_root / info["cams"][cam]["data_path"]) as img:
-                scale = np.diag([width / img.width, height / img.height, 1.0, 1.0])
-                mats[n] = scale @ mats[n]
-                images.append(np.asarray(img.convert("RGB").resize((width, height), Image.BILINEAR)))
+                image, mats[n] = resize_camera(img, mats[n], self.img_size)
+                images.append(image)
         return _normalise(np.stack(images)), torch.from_numpy(mats).float()
 
     def __getitem__(self, index: int) -> dict:
@@ -409,6 +438,179 @@ def collate_bev(items: list[dict]) -> dict:
         batch[key] = [item[key] for item in items]
     batch["sample_id"] = torch.tensor([item["sample_id"] for item in items])
     return batch
+
+
+class BEVRequestCodec(RequestCodec):
+    """``zoo serve`` requests for BEVFormer: one sample, its cameras' images and calibration, its CAN bus, and
+    optionally the frames before it (the temporal queue), read as ``NuScenesInfoDataset`` reads info files.
+
+    A request (JSON; the images as base64 PNG or JPEG, since a camera's pixels as nested arrays would be
+    megabytes of text)::
+
+        {"id": "sample token (optional)",
+         "cameras": {"CAM_FRONT": {"image": "<base64>", "lidar2img": [[4 x 4]]},
+                     "CAM_FRONT_RIGHT": {"image": "<base64>", "cam_intrinsic": [[3 x 3]],
+                                         "sensor2lidar_rotation": [[3 x 3]], "sensor2lidar_translation": [3]},
+                     ...every camera of the data, by name},
+         "can_bus": [18 numbers],
+         "previous": [{"cameras": {...}, "can_bus": [...]}, ...],
+         "lidar2global": [[4 x 4]]}
+
+    - ``lidar2img`` maps LiDAR points to the pixels of the image as sent; or give an info file's calibration,
+      from which BEVFormer's formula makes it. Every image is resized (bilinear) to the data's ``img_size``
+      and ImageNet-normalised, and its matrix scaled with it, as the info loader does;
+    - ``can_bus`` is an info file's: ``[0:3]`` the ego position in the global frame and ``[17]`` its heading in
+      degrees, which become the deltas to the previous frame (zero where there is none), as the loader and
+      BEVFormer's test loop make them; the other values pass as they are;
+    - ``previous``: the frames before this one, oldest first, at most ``queue_length - 1``; fewer are padded
+      at the front as a scene start is (no previous BEV there);
+    - ``lidar2global`` (optional): the pose the boxes are moved by into the global frame, or the info file's
+      ``ego2global_rotation``/``_translation`` (and ``lidar2ego_*``); without them the boxes stay in the
+      LiDAR frame.
+
+    ``parse`` gives an item of the predict data set (no ground truth, ``sample_id`` -1); ``collate`` is
+    ``collate_bev``, so ``predict_step`` reads a served batch as it reads a loader's.
+    """
+
+    fields = {
+        "cameras": "one entry per camera name: {image: base64, lidar2img: 4x4} or an info file's calibration",
+        "can_bus": "18 numbers as in nuScenes info files (global position, heading in degrees at [17])",
+        "previous": "optional list of earlier frames {cameras, can_bus}, oldest first",
+        "lidar2global": "optional 4x4 pose of the LiDAR frame in the global frame",
+        "ego2global_rotation": "optional quaternion [w, x, y, z] (instead of lidar2global)",
+        "ego2global_translation": "optional [x, y, z] (with ego2global_rotation)",
+        "lidar2ego_rotation": "optional quaternion [w, x, y, z] (with the ego pose)",
+        "lidar2ego_translation": "optional [x, y, z] (with lidar2ego_rotation)",
+        "id": "optional sample token, echoed in the answer",
+    }
+    frame_fields = ("cameras", "can_bus")
+    calibration = {"cam_intrinsic": (3, 3), "sensor2lidar_rotation": (3, 3), "sensor2lidar_translation": (3,)}
+
+    def __init__(self, img_size: tuple[int, int], queue_length: int, cameras: Sequence[str] = CAMERA_NAMES):
+        self.img_size = tuple(int(v) for v in img_size)
+        self.queue_length = int(queue_length)
+        self.cameras = tuple(cameras)
+
+    def parse(self, payload) -> dict:
+        payload = self.check_keys(payload)
+        token = text_field(payload, "id", required=False, default="request", max_length=1000)
+        previous = payload.get("previous", [])
+        if not isinstance(previous, list):
+            raise RequestError("previous", f"expected a list of frames, got {type(previous).__name__}")
+        if len(previous) >= self.queue_length:
+            held = f"{self.queue_length - 1} before the current one (queue_length {self.queue_length})"
+            raise RequestError("previous", f"{len(previous)} frames, but this model's queue holds {held}")
+        for n, frame in enumerate(previous):
+            _known_keys(frame, f"previous[{n}]", self.frame_fields)
+        frames = [self._frame(f, f"previous[{n}].") for n, f in enumerate(previous)]
+        frames.append(self._frame(payload, ""))
+        # the loader's queue: padded at the front by repeating the first frame, which has no previous BEV
+        queue = [0] * (self.queue_length - len(frames)) + list(range(len(frames)))
+        prev_exists = torch.tensor([t > 0 and queue[t] != queue[t - 1] for t in range(len(queue))])
+        vectors = [frames[0][2]] + [_can_bus_deltas(cur[2], prev[2]) for prev, cur in pairwise(frames)]
+        can_bus = torch.tensor(np.stack([vectors[i] for i in queue]), dtype=torch.float32)
+        can_bus[~prev_exists, 0:3] = 0.0
+        can_bus[~prev_exists, 17] = 0.0
+        return {
+            "images": torch.stack([frames[i][0] for i in queue]),
+            "lidar2img": torch.stack([frames[i][1] for i in queue]),
+            "can_bus": can_bus,
+            "prev_exists": prev_exists,
+            "gt_boxes": torch.zeros(0, 9),
+            "gt_labels": torch.zeros(0, dtype=torch.long),
+            "gt_attributes": torch.zeros(0, dtype=torch.long),
+            "sample_id": -1,
+            "token": token,
+            "lidar2global": torch.from_numpy(self._lidar2global(payload)),
+        }
+
+    def collate(self, items) -> dict:
+        return collate_bev(list(items))
+
+    def _frame(self, frame, prefix: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(images (N, 3, H, W) normalised, lidar2img (N, 4, 4) for them, the raw CAN bus (18,))."""
+        cameras = frame.get("cameras")
+        seen = f"this model sees {len(self.cameras)} cameras: {', '.join(self.cameras)}"
+        if cameras is None:
+            raise RequestError(f"{prefix}cameras", f"missing; {seen}")
+        cameras = _known_keys(cameras, f"{prefix}cameras", self.cameras, what="camera")
+        images, mats = [], []
+        for name in self.cameras:
+            where = f"{prefix}cameras.{name}"
+            if name not in cameras:
+                raise RequestError(where, f"missing; {seen}")
+            entry = _known_keys(cameras[name], where, ("image", "lidar2img", *self.calibration))
+            image = image_field({f"{where}.image": entry.get("image")}, f"{where}.image")
+            pixels, lidar2img = resize_camera(image, self._lidar2img(entry, where), self.img_size)
+            images.append(pixels)
+            mats.append(lidar2img)
+        can_bus = _array(frame.get("can_bus"), f"{prefix}can_bus", (18,))
+        return _normalise(np.stack(images)), torch.from_numpy(np.stack(mats)).float(), can_bus
+
+    def _lidar2img(self, entry, where: str) -> np.ndarray:
+        given = [key for key in self.calibration if key in entry]
+        if "lidar2img" in entry:
+            if given:
+                raise RequestError(f"{where}.{given[0]}", "give lidar2img or the calibration, not both")
+            return _array(entry["lidar2img"], f"{where}.lidar2img", (4, 4))
+        if not given:
+            raise RequestError(f"{where}.lidar2img", f"missing (or give {', '.join(self.calibration)})")
+        values = [_array(entry.get(key), f"{where}.{key}", shape) for key, shape in self.calibration.items()]
+        return lidar2img_from_calibration(*values)
+
+    def _lidar2global(self, payload) -> np.ndarray:
+        poses = [key for key in self.fields if key.startswith(("ego2global_", "lidar2ego_"))]
+        given = [key for key in poses if key in payload]
+        if "lidar2global" in payload:
+            if given:
+                raise RequestError(given[0], "give lidar2global or the ego and LiDAR poses, not both")
+            return _array(payload["lidar2global"], "lidar2global", (4, 4))
+        info = {}
+        for frame in ("ego2global", "lidar2ego"):
+            fields = {f"{frame}_rotation": (4,), f"{frame}_translation": (3,)}
+            if any(key in payload for key in fields):
+                for key, shape in fields.items():
+                    info[key] = _array(payload.get(key), key, shape)
+        if info and "ego2global_rotation" not in info:
+            raise RequestError("ego2global_rotation", "missing (the LiDAR pose is relative to the ego's)")
+        if "ego2global_rotation" in info and not np.linalg.norm(info["ego2global_rotation"]):
+            raise RequestError("ego2global_rotation", "is a zero quaternion")
+        if "lidar2ego_rotation" in info and not np.linalg.norm(info["lidar2ego_rotation"]):
+            raise RequestError("lidar2ego_rotation", "is a zero quaternion")
+        return NuScenesInfoDataset._lidar2global(info)
+
+
+def _known_keys(value, where: str, known: Sequence[str], what: str = "field") -> dict:
+    """``value`` as an object holding only ``known`` keys (a typo is named rather than ignored)."""
+    if not isinstance(value, dict):
+        raise RequestError(where, f"expected an object with {', '.join(known)}, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise RequestError(f"{where}.{unknown[0]}", f"unknown {what}; expected some of {', '.join(known)}")
+    return value
+
+
+def _array(value, field: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 array of ``shape`` from nested JSON lists of finite numbers."""
+    if value is None:
+        raise RequestError(field, f"missing ({' x '.join(map(str, shape))} numbers)")
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RequestError(field, f"expected {' x '.join(map(str, shape))} numbers (nested lists)") from None
+    if array.shape != shape:
+        raise RequestError(field, f"has shape {array.shape}, expected {shape}")
+    if not np.isfinite(array).all():
+        raise RequestError(field, "holds a value that is not a finite number")
+    return array
+
+
+def _can_bus_deltas(vector: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """``vector`` with translation and heading as deltas to ``previous`` (``NuScenesInfoDataset._can_bus``)."""
+    vector = vector.copy()
+    vector[0:3] -= previous[0:3]
+    vector[17] -= previous[17]
+    return vector
 
 
 class BEVDetectionDataModule(SplitDataModule):
@@ -521,6 +723,11 @@ class BEVDetectionDataModule(SplitDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set, shuffle=False)
+
+    def request_codec(self) -> BEVRequestCodec:
+        """What ``zoo serve`` reads: one sample per request with up to ``queue_length - 1`` earlier frames,
+        read as the info files are (images resized to ``img_size``, CAN-bus deltas, the queue padded)."""
+        return BEVRequestCodec(self.img_size, self.hparams.queue_length)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return ResumableDataLoader(

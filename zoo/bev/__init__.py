@@ -2,13 +2,15 @@
 
 ``from zoo.bev import BEVFormer, BEVFORMER_CONFIGS`` gives the network; ``BEVFormerDetector`` the
 LightningModule (which also reads checkpoints written before ``model_name`` / ``model_kwargs`` / ``img_size``);
-``NuScenesDetectionMetric`` the nuScenes detection metrics.
+``NuScenesDetectionMetric`` the nuScenes detection metrics; ``FrameGraph`` / ``run_queue`` one frame as an exported
+graph and the temporal loop around it.
 """
 
 from zoo.bev.backbone import FPN, CameraEncoder
 from zoo.bev.decoder import DetectionDecoder, DetectionDecoderLayer
 from zoo.bev.deformable import MultiScaleDeformableAttention, multi_scale_deformable_attention
 from zoo.bev.encoder import BEVEncoder, BEVEncoderLayer, SpatialCrossAttention, TemporalSelfAttention
+from zoo.bev.export import FrameGraph, run_queue
 from zoo.bev.geometry import align_previous_bev, project_to_cameras
 from zoo.bev.head import DetectionHead, decode_boxes, encode_boxes, hungarian_match
 from zoo.bev.metrics import NuScenesDetectionMetric
@@ -29,6 +31,7 @@ __all__ = [
     "DetectionDecoder",
     "DetectionDecoderLayer",
     "DetectionHead",
+    "FrameGraph",
     "MultiScaleDeformableAttention",
     "NuScenesDetectionMetric",
     "SpatialCrossAttention",
@@ -41,4 +44,5 @@ __all__ = [
     "hungarian_match",
     "multi_scale_deformable_attention",
     "project_to_cameras",
+    "run_queue",
 ]

@@ -71,13 +71,19 @@ class SpatialCrossAttention(nn.Module):
     ) -> torch.Tensor:
         """``query`` (B, Q, C); ``features`` (B, N, S, C); ``reference_cam`` (B, N, Q, Z, 2); ``visible``
         (B, N, Q, Z). Returns (B, Q, C) with the residual added."""
-        batch, _queries, channels = query.shape
+        batch, queries, channels = query.shape
         cams = features.shape[1]
         hit = visible.any(-1)  # (B, N, Q)
         counts = hit.sum(-1)  # (B, N)
-        longest = max(int(counts.max()), 1)
-        # visible queries first, in their original order (a stable sort of "not visible")
-        order = torch.argsort((~hit).to(torch.uint8), dim=-1, stable=True)[..., :longest]  # (B, N, L)
+        # a data-dependent size: torch.export keeps it symbolic (bounded by the checks), so exported graphs
+        # gather as few queries as eager mode does
+        longest = counts.max().clamp(min=1).item()
+        torch._check(longest >= 1)
+        torch._check(longest <= queries)
+        # visible queries first, in their original order: the smallest of distinct keys (a stable sort of
+        # "not visible", written as top-k, which ONNX has, unlike a stable sort)
+        keys = torch.arange(queries, device=query.device) + queries * (~hit)
+        order = keys.topk(longest, dim=-1, largest=False).indices  # (B, N, L)
         valid = torch.arange(longest, device=query.device) < counts[..., None]  # (B, N, L)
         gathered = torch.gather(
             query[:, None].expand(-1, cams, -1, -1), 2, order[..., None].expand(-1, -1, -1, channels)

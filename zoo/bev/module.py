@@ -127,6 +127,14 @@ class BEVFormerDetector(ZooModule):
         prev_exists = torch.tensor([[False, True]]).repeat(batch_size, 1)
         return tuple(t.to(self.device) for t in (images, lidar2img, can_bus, prev_exists))
 
+    def export_graphs(self) -> list:
+        """What ``zoo export --format pt2|onnx`` writes: one frame (``zoo.bev.export.FrameGraph``: cameras,
+        CAN bus and the previous frame's BEV in; the last decoder layer's logits and box codes and the frame's
+        BEV out), with a dynamic batch. The temporal queue stays in Python (``zoo.bev.export.run_queue``)."""
+        from zoo.bev.export import frame_graph
+
+        return [frame_graph(self)]
+
     def _decode(self, logits: torch.Tensor, codes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         hp = self.hparams
         return self.model.head.decode(
