@@ -14,6 +14,9 @@ prediction. Batches are ``{"image": (B, C, H, W), "label": (B,)}``; predict batc
 
 Class names come from the data module (``class_names``, linked by the CLI); checkpoints written before
 the argument existed predict indices.
+
+``zoo export`` writes the network as one graph, ``classifier`` (``image`` -> ``logits``), and an
+``ImageClassifier`` also as a timm folder (``--format timm``); ``zoo.vision.export`` says how.
 """
 
 from __future__ import annotations
@@ -76,6 +79,14 @@ class ImageClassificationModule(ZooModule):
         # prompt-tuned backbones are RGB timm models, which take no in_chans argument here
         channels = self.hparams.get("in_chans", 3)
         return (torch.randn(batch_size, channels, side, side, device=self.device),)
+
+    def export_graphs(self) -> list:
+        """One graph, ``classifier``: ``image`` (dynamic batch, fixed ``img_size``) -> ``logits``, the network
+        ``forward`` calls (for a distilled DeiT in eval mode, the mean of both heads, as ``predict_step``).
+        Dynamic int8 layers are exported as ``zoo.vision.export.DynamicInt8Linear``."""
+        from zoo.vision.export import classifier_graph
+
+        return [classifier_graph(self.model, self.example_inputs)]
 
     # ------------------------------------------------------------------ steps
     def setup(self, stage: str) -> None:
@@ -153,6 +164,12 @@ class ImageClassifier(ImageClassificationModule):
         mixup_alpha / cutmix_alpha: timm's ``Mixup``; 0 disables. Applied to even-sized batches.
         layer_decay: layer-wise LR decay factor (e.g. 0.75), applied through the optimizer's
             groups so that any scheduler honours it.
+        pretrained_file: a local timm weights file to start from (``.safetensors``, ``.pth``, ``.bin``, or
+            the ``model.safetensors`` of a timm Hugging Face folder); position embeddings are resized to
+            ``img_size`` and a classifier of another class count is re-initialised, as timm does
+            (``zoo.vision.model.load_timm_weights``). Read when the model is built for a fresh fit only:
+            checkpoints hold the weights, so their hyper-parameters drop the file (a served or resumed
+            model does not need it).
     """
 
     def __init__(
@@ -170,6 +187,7 @@ class ImageClassifier(ImageClassificationModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         layer_decay: float | None = None,
+        pretrained_file: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
@@ -187,8 +205,23 @@ class ImageClassifier(ImageClassificationModule):
             in_chans=hp.in_chans,
             model_kwargs=hp.model_kwargs,
             drop_path_rate=hp.drop_path_rate,
+            pretrained_file=hp.get("pretrained_file"),
         )
         self.sharding_units = timm_block_types(self.model)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The weights are in the checkpoint, so loading it must not need the starting weights file again."""
+        super().on_save_checkpoint(checkpoint)
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams and hparams.get("pretrained_file") is not None:
+            checkpoint["hyper_parameters"] = {**hparams, "pretrained_file": None}
+
+    def library_exports(self) -> dict:
+        """``--format timm``: the timm network as ``model.safetensors`` + ``config.json`` (timm's Hugging Face
+        layout; ``zoo.vision.export.write_timm_folder``)."""
+        from zoo.vision.export import write_timm_folder
+
+        return {"timm": lambda folder: write_timm_folder(self.model, folder, self.hparams.class_names)}
 
     def configure_losses(self) -> None:
         super().configure_losses()
