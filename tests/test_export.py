@@ -73,7 +73,7 @@ class DataDependent(Scale):
 
 
 def test_an_untraceable_graph_is_an_error_naming_it(tmp_path):
-    with pytest.raises(ExportError, match="torch.export could not trace graph 'scale'"):
+    with pytest.raises(ExportError, match=r"torch.export could not trace graph 'scale'"):
         export_graph(scale_graph(DataDependent()), tmp_path, "pt2")
     with pytest.raises(ExportError, match="graphs export as one of"):
         export_graph(scale_graph(Scale()), tmp_path, "tflite")
@@ -96,10 +96,14 @@ def test_zoo_export_writes_programs_and_a_manifest(tmp_path):
 
 
 def test_zoo_export_errors_are_one_paragraph(tmp_path):
-    missing = zoo("export", "--config", "deit_tiny", "--ckpt_path", "nope.ckpt", "--output", "o", cwd=tmp_path)
+    missing = zoo(
+        "export", "--config", "deit_tiny", "--ckpt_path", "nope.ckpt", "--output", "o", cwd=tmp_path
+    )
     assert missing.returncode == 2 and "--ckpt_path nope.ckpt: no such file" in missing.stderr
     (tmp_path / "sharded.ckpt").mkdir()
-    sharded = zoo("export", "--config", "deit_tiny", "--ckpt_path", "sharded.ckpt", "--output", "o", cwd=tmp_path)
+    sharded = zoo(
+        "export", "--config", "deit_tiny", "--ckpt_path", "sharded.ckpt", "--output", "o", cwd=tmp_path
+    )
     assert sharded.returncode == 2 and "zoo consolidate sharded.ckpt" in sharded.stderr
     unknown = zoo("export", "--config", "deit_tiny", "--format", "tflite", "--output", "o", cwd=tmp_path)
     assert unknown.returncode == 2 and "exports as one of: pt2, onnx" in unknown.stderr

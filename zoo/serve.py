@@ -77,7 +77,9 @@ def request_codec(datamodule: Any, model_name: str) -> RequestCodec:
 
     if datamodule is None or not hasattr(datamodule, "request_codec"):
         kind = type(datamodule).__name__ if datamodule is not None else "no data module"
-        raise ZooError(f"{model_name} cannot be served: its config's data ({kind}) defines no request_codec()")
+        raise ZooError(
+            f"{model_name} cannot be served: its config's data ({kind}) defines no request_codec()"
+        )
     return datamodule.request_codec()
 
 
@@ -103,7 +105,9 @@ class RequestValidation:
             payload = await self._payload(request)
             self.codec.parse(payload)
         except RequestError as error:
-            await JSONResponse({"detail": str(error), "field": error.field}, status_code=422)(scope, receive, send)
+            await JSONResponse({"detail": str(error), "field": error.field}, status_code=422)(
+                scope, receive, send
+            )
             return
         except ValueError as error:
             await JSONResponse({"detail": f"body: {error}"}, status_code=400)(scope, receive, send)

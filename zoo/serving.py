@@ -91,7 +91,8 @@ def text_field(payload: Mapping[str, Any], name: str, *, required: bool = True, 
         for position, char in enumerate(value):
             if char not in alphabet:
                 raise RequestError(
-                    name, f"character {char!r} at position {position} is not one of {''.join(sorted(alphabet))}"
+                    name,
+                    f"character {char!r} at position {position} is not one of {''.join(sorted(alphabet))}",
                 )
     return value
 
@@ -158,7 +159,9 @@ def image_field(payload: Mapping[str, Any], name: str = "image"):
 
 
 # --------------------------------------------------------------------------- answers
-def json_record(record: Mapping[str, Any], encode_image: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+def json_record(
+    record: Mapping[str, Any], encode_image: Callable[[Any], Any] | None = None
+) -> dict[str, Any]:
     """A predict record as JSON values: tensors and arrays as nested lists, images as base64 PNG."""
     return {key: _json_value(value, encode_image or _png_base64) for key, value in record.items()}
 

@@ -148,10 +148,14 @@ def test_good_requests_pass_on_as_json_and_uploads_become_base64_fields():
     png = base64.b64decode(png_base64())
     boundary = "zooboundary"
     form = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="text"\r\n\r\nabc\r\n'
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-        "Content-Type: image/png\r\n\r\n"
-    ).encode() + png + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="text"\r\n\r\nabc\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     status, _, seen = call(checked, form, f"multipart/form-data; boundary={boundary}")
     assert status == 200 and seen["body"]["text"] == "abc"
     assert base64.b64decode(seen["body"]["image"]) == png
