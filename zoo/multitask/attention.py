@@ -38,30 +38,42 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.base = base
 
+    def cos_sin(
+        self, t: int, offset: int | torch.Tensor, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotation ``(cos, sin)``, each (T, d), of ``t`` positions starting at ``offset``."""
+        inv_freq = 1.0 / (
+            self.base
+            ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        )
+        positions = torch.arange(t, device=device, dtype=torch.float32) + offset
+        angles = torch.outer(positions, inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, H, T, d) rotated by ``cos_sin``'s (T, d) tables."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
     def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
         """Rotate ``x`` (B, H, T, d) as if its first token sat at position ``offset``.
 
         ``offset`` may be a 0-dim integer tensor (an exported decoder step takes its position as an input):
         the positions are ``arange(T) + offset``, the same numbers either way.
         """
-        t = x.shape[-2]
-        inv_freq = 1.0 / (
-            self.base
-            ** (torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32) / self.head_dim)
-        )
-        positions = torch.arange(t, device=x.device, dtype=torch.float32) + offset
-        angles = torch.outer(positions, inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return self.rotate(x, *self.cos_sin(x.shape[-2], offset, x.device, x.dtype))
 
 
 class KVCache:
     """Keys/values of the tokens decoded so far, for one attention layer, in a preallocated buffer.
 
-    ``append`` writes the new step's keys/values and returns views of everything cached so far;
-    ``reorder`` follows beam search when hypotheses are re-ranked.
+    ``append`` writes the new step's keys/values and returns views of everything cached so far.
+    ``reorder`` follows beam search when hypotheses are re-ranked: it gathers only the filled prefix
+    (positions ``< length``) into a second buffer of the same size, and the two buffers swap roles, so a
+    step neither allocates nor copies the unwritten tail. ``rotation`` keeps the rotary ``(cos, sin)``
+    tables of every position the cache can hold (computed at the first step), which a step slices.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -69,6 +81,17 @@ class KVCache:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.length = 0
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rotation: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rotation(
+        self, rotary: RotaryEmbedding, offset: int, t: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rotary.cos_sin(t, offset, ...)``, sliced from the tables of positions ``0 .. capacity - 1``."""
+        if self._rotation is None:
+            self._rotation = rotary.cos_sin(self.capacity, 0, device, dtype)
+        cos, sin = self._rotation
+        return cos[offset : offset + t], sin[offset : offset + t]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, t, d = k.shape
@@ -84,9 +107,22 @@ class KVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
-        if self.keys is not None:
+        """Row ``i`` becomes row ``index[i]`` (beam search's surviving hypotheses)."""
+        if self.keys is None or not self.length:
+            return
+        if index.shape[0] != self.keys.shape[0]:  # the batch changes size: new buffers
             self.keys = self.keys.index_select(0, index)
             self.values = self.values.index_select(0, index)
+            self._spare = None
+            return
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.keys), torch.empty_like(self.values))
+        keys, values = self._spare
+        filled = self.length
+        torch.index_select(self.keys[:, :, :filled], 0, index, out=keys[:, :, :filled])
+        torch.index_select(self.values[:, :, :filled], 0, index, out=values[:, :, :filled])
+        self._spare = (self.keys, self.values)
+        self.keys, self.values = keys, values
 
 
 class Attention(nn.Module):
@@ -144,7 +180,10 @@ class Attention(nn.Module):
         """
         t = x.shape[1]
         if memory_kv is None:
-            q, k, v = self.self_projections(x, offset)
+            rotation = None
+            if cache is not None and self.rotary is not None and isinstance(offset, int):
+                rotation = cache.rotation(self.rotary, offset, t, x.device, x.dtype)
+            q, k, v = self.self_projections(x, offset, rotation)
             if cache is not None:
                 k, v = cache.append(k, v)
         else:  # cross-attention: keys/values precomputed, no positions (the two sides are unrelated)
@@ -154,21 +193,33 @@ class Attention(nn.Module):
         mask = None
         if key_mask is not None:
             mask = key_mask[:, None, None, :]
-        if causal and t > 1:
+        if t == 1:  # a decoding step: one query per row, the causal mask allows every key
+            return self.attend_one(q, k, v, mask)
+        if k.shape[0] != q.shape[0]:  # memory of B / r sources for r hypotheses each
+            r = q.shape[0] // k.shape[0]
+            k, v = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0)
+            mask = None if mask is None else mask.repeat_interleave(r, 0)
+        if causal:
             # query i is at absolute position s - t + i and sees keys 0 .. s - t + i
             allowed = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t)
             mask = allowed if mask is None else mask & allowed
         return self.attend(q, k, v, mask)
 
     def self_projections(
-        self, x: torch.Tensor, offset: int | torch.Tensor = 0
+        self,
+        x: torch.Tensor,
+        offset: int | torch.Tensor = 0,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, H, T, d) and keys/values (B, Hkv, T, d) of ``x``, rotated to start at ``offset``."""
+        """Queries (B, H, T, d) and keys/values (B, Hkv, T, d) of ``x``, rotated to start at ``offset``
+        (by ``rotation``, ``RotaryEmbedding.cos_sin``'s tables, when given)."""
         q = self._split(self.q_proj(x), self.num_heads)
         k, v = self.kv_proj(x).chunk(2, dim=-1)
         k, v = self._split(k, self.num_kv_heads), self._split(v, self.num_kv_heads)
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            if rotation is None:
+                rotation = self.rotary.cos_sin(x.shape[1], offset, x.device, x.dtype)
+            q, k = self.rotary.rotate(q, *rotation), self.rotary.rotate(k, *rotation)
         return q, k, v
 
     def attend(
@@ -184,3 +235,25 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def attend_one(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``attend`` for one query per row (a decoding step), without copying keys/values.
+
+        The ``H / Hkv`` query heads that share a key/value head, and the ``r = B / Bk`` rows that share a
+        source (beam hypotheses over one encoder output), become that head's query positions:
+        queries (B, H, 1, d), keys/values (Bk, Hkv, S, d), ``mask`` (Bk, 1, 1, S) -> (B, 1, D). Grouped-query
+        heads and beams are attended over the stored keys/values instead of ``repeat_interleave`` copies.
+        """
+        b, h, _, d = q.shape
+        bk, hkv = k.shape[:2]
+        r, g = b // bk, h // hkv
+        if r * bk != b:
+            raise ValueError(f"{b} query rows do not divide into the {bk} rows of keys/values")
+        q = q.reshape(bk, r, hkv, g, d).transpose(1, 2).reshape(bk, hkv, r * g, d)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        out = out.reshape(bk, hkv, r, g, d).transpose(1, 2).reshape(b, 1, h * d)
+        return self.out_proj(out)
