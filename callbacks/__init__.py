@@ -9,6 +9,8 @@
 - ``TrainingMonitor``: gradient/weight/update statistics, throughput and memory; NaN/Inf, loss-spike,
   exploding/vanishing-gradient, dead-parameter and data checks with ``warn`` / ``skip_step`` / ``rollback`` / ``stop``;
   a JSON + Markdown report at fit end.
+- ``ThroughputMonitor``: Lightning's, with the FLOPs of a step counted on the first real batch and the device's
+  peak known (GPU tables, a measured CPU rate): samples/s, tokens/s, TFLOP/s and MFU with nothing to declare.
 - ``zoo.callbacks.compression`` (``MagnitudePruning``, ``StructuredPruning``, ``Quantization``, ``WeightSharing``,
   also exported here): pruning with a cubic schedule, heads/MLP units/blocks/conv channels physically removed,
   int8 dynamic/static/QAT and GPTQ int4, k-means weight sharing; checkpoints carry the architecture changes.
@@ -39,6 +41,7 @@ from zoo.callbacks.distillation import (
 )
 from zoo.callbacks.ema import EMA, ema_decay
 from zoo.callbacks.monitoring import TrainingMonitor
+from zoo.callbacks.throughput import ThroughputMonitor
 
 __all__ = [
     "EMA",
@@ -48,6 +51,7 @@ __all__ = [
     "Quantization",
     "SelfDistillation",
     "StructuredPruning",
+    "ThroughputMonitor",
     "TrainingMonitor",
     "WeightSharing",
     "distillation_loss",

@@ -7,6 +7,8 @@
 - ``bev``: SciPy's Hungarian matching (BEVFormer's detection head);
 - ``hf``: transformers, for Hugging Face formats (ESM-2 folders, a local CLIP text encoder in latent diffusion);
 - ``streaming``: LitData, for ``zoo data optimize`` and data modules reading optimized (chunked) datasets;
+- ``export``: onnx, onnxscript and onnxruntime, for ``zoo export --format onnx`` and its parity check;
+- ``serve``: LitServe (and python-multipart for uploads), for ``zoo serve``;
 - ``all``: every one of them.
 """
 

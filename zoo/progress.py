@@ -1,6 +1,8 @@
 """What a ``zoo fit`` shows while it runs and says when it ends.
 
-``ZooProgressBar`` is Lightning's tqdm bar with room for what matters in an 80-column terminal: the training
+``ZooModelSummary`` is Lightning's model summary with the forward FLOPs of ``example_inputs()`` counted (Lightning's
+needs ``example_input_array``, whose forward fails inside its per-layer FLOP tracker for modules fed parameters,
+e.g. prompts or queries). ``ZooProgressBar`` is Lightning's tqdm bar with room for what matters in an 80-column terminal: the training
 loss and the metric the checkpoint callback monitors, with four significant digits, and no ``v_num`` (the run
 folder is printed at the end). ``fit_summary`` is the one line a fit ends with.
 """
@@ -9,9 +11,49 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.pytorch.callbacks import TQDMProgressBar
+import torch
+from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-__all__ = ["ZooProgressBar", "fit_summary"]
+__all__ = ["ZooModelSummary", "ZooProgressBar", "fit_summary"]
+
+
+class ZooModelSummary(ModelSummary):
+    """Lightning's summary table, its "Total FLOPs" the forward of ``example_inputs()`` (batch 2) on one process."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not self._max_depth:
+            return
+        summary = self._summary(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.summarize(
+                summary._get_summary_data(),
+                summary.total_parameters,
+                summary.trainable_parameters,
+                summary.model_size,
+                summary.total_training_modes,
+                total_flops=example_forward_flops(trainer, pl_module),
+                **self._summarize_kwargs,
+            )
+
+
+def example_forward_flops(trainer, pl_module) -> int:
+    """FLOPs of ``forward(*example_inputs())``; 0 where it cannot run alone (sharded, meta, no example)."""
+    from zoo.flops import count_flops
+
+    sharded = not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
+    if sharded or not hasattr(pl_module, "example_inputs") or any(p.is_meta for p in pl_module.parameters()):
+        return 0
+    training = pl_module.training
+    try:
+        pl_module.eval()
+        with torch.no_grad():
+            inputs = pl_module.example_inputs()
+            return count_flops(lambda: pl_module(*inputs))
+    except NotImplementedError:
+        return 0
+    finally:
+        pl_module.train(training)
 
 
 class ZooProgressBar(TQDMProgressBar):

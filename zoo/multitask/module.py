@@ -271,6 +271,10 @@ class MultitaskModule(ZooModule):
         return loss
 
     # --------------------------------------------------------------- training
+    def batch_tokens(self, batch: dict[str, dict | None]) -> int:
+        """Input tokens over every task's batch, padding excluded (tokens/s of ``zoo.callbacks.ThroughputMonitor``)."""
+        return int(sum(b["padding_mask"].sum() for b in batch.values() if b is not None))
+
     def training_step(self, batch: dict[str, dict | None], batch_idx: int) -> torch.Tensor:
         losses = {task: self._task_step("train", task, b) for task, b in batch.items() if b is not None}
         if not losses:

@@ -138,6 +138,10 @@ class ESM2MaskedLM(OldSizeArguments, ZooModule):
     def example_inputs(self, batch_size: int = 2) -> tuple[torch.Tensor]:
         return (example_tokens(self.alphabet, batch_size, self.device),)
 
+    def batch_tokens(self, batch: dict) -> int:
+        """Tokens in a batch, padding excluded (tokens/s of ``zoo.callbacks.ThroughputMonitor``)."""
+        return int((batch["tokens"] != self.alphabet.padding_idx).sum())
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """MLM logits ``(B, T, 33)``: the prediction the loss is computed on."""
         return self.model(tokens)["logits"]
