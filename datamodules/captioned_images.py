@@ -19,6 +19,8 @@ latent cache is keyed by). Only ``random_flip`` changes an image between epochs.
 ``predict_dataloader`` serves prompts for ``zoo predict``: those of the text file ``predict_path`` (one per
 line: a class name, a class index, or a free caption; ``#`` comments and blank lines skipped), or one per
 class. Prompt batches are ``{"caption", "label" (-1 for a free caption), "index", "name" (the line)}``.
+``zoo serve`` reads one prompt per request (``PromptRequestCodec``, ``{"prompt": ...}`` or ``{"class": ...}``)
+into the same batches, with per-request ``"seed"`` and ``"id"`` lists added.
 """
 
 from __future__ import annotations
@@ -39,13 +41,17 @@ from zoo.datamodules.images import IMAGE_SUFFIXES, _verify_readable
 from zoo.datamodules.shapes import COLOURS, SHAPES, SPLITS, render_shapes
 from zoo.datamodules.splits import SplitDataModule
 from zoo.resume import ResumableDataLoader
+from zoo.serving import RequestCodec, RequestError, integer_field, text_field
 
 __all__ = [
     "CaptionedFolderDataset",
     "CaptionedImageDataModule",
     "CaptionedShapesDataset",
+    "PromptRequestCodec",
     "StreamedCaptionedDataset",
     "caption_vocabulary",
+    "collate_prompts",
+    "prompt_item",
     "read_captioned_folder",
     "tokenize_words",
 ]
@@ -424,8 +430,7 @@ class CaptionedImageDataModule(SplitDataModule):
 
     # ---------------------------------------------------------------- predict
     def prompts(self) -> list[dict]:
-        """``{"caption", "label", "index"}`` per prompt line (class name, class index or caption)."""
-        lookup = {name.lower(): i for i, name in enumerate(self.class_names)}
+        """``{"caption", "label", "index", "name"}`` per prompt line (class name, class index or caption)."""
         if self.hparams.predict_path is None:
             lines = list(self.class_names)
             source = None
@@ -438,32 +443,130 @@ class CaptionedImageDataModule(SplitDataModule):
         for number, line in enumerate(lines, start=1):
             if not line or line.startswith("#"):
                 continue
-            label = lookup.get(line.lower(), -1)
-            if label < 0 and line.isdigit():
-                label = int(line)
-                if label >= self.num_classes:
-                    raise ValueError(
-                        f"{source}:{number}: class index {label} >= num_classes={self.num_classes}"
-                    )
-                line = self.class_names[label]
-            caption = line
-            if label >= 0 and self._folder is None:
-                colour, shape = self.class_names[label].split()
-                caption = f"a medium {colour} {shape} in the centre"
-            items.append({"caption": caption, "label": label, "index": len(items), "name": line})
+            try:
+                items.append(prompt_item(line, self.class_names, self._folder is None, len(items)))
+            except ValueError as error:
+                raise ValueError(f"{source}:{number}: {error}") from None
         if not items:
             raise ValueError(f"predict_path {str(source)!r} holds no prompts")
         return items
 
     def predict_dataloader(self) -> DataLoader:
-        def collate(items: list[dict]) -> dict:
-            return {
-                "caption": [i["caption"] for i in items],
-                "label": torch.tensor([i["label"] for i in items]),
-                "index": torch.tensor([i["index"] for i in items]),
-                "name": [i["name"] for i in items],
-            }
-
         return DataLoader(
-            _Prompts(self.prompts()), batch_size=self.batch_size, shuffle=False, collate_fn=collate
+            _Prompts(self.prompts()), batch_size=self.batch_size, shuffle=False, collate_fn=collate_prompts
         )
+
+    def request_codec(self) -> PromptRequestCodec:
+        """What ``zoo serve`` reads: one prompt per request, made into the item its line in ``predict_path``
+        would be."""
+        return PromptRequestCodec(self.class_names, shapes=self._folder is None)
+
+
+def prompt_item(line: str, class_names: list[str], shapes: bool, index: int = 0) -> dict:
+    """The predict item of one prompt line: ``{"caption", "label", "index", "name"}``. A class name (any case)
+    or a class index gets its label, and on the embedded shapes (``shapes``) the caption the shapes use for
+    the class; any other line is a caption with label -1. A class index out of range is a ``ValueError``."""
+    lookup = {name.lower(): i for i, name in enumerate(class_names)}
+    label = lookup.get(line.lower(), -1)
+    if label < 0 and line.isdigit():
+        label = int(line)
+        if label >= len(class_names):
+            raise ValueError(f"class index {label} >= num_classes={len(class_names)}")
+        line = class_names[label]
+    caption = line
+    if label >= 0 and shapes:
+        colour, shape = class_names[label].split()
+        caption = f"a medium {colour} {shape} in the centre"
+    return {"caption": caption, "label": label, "index": index, "name": line}
+
+
+def collate_prompts(items: list[dict]) -> dict:
+    """A predict batch: ``{"caption", "label", "index", "name"}``, plus ``"seed"`` / ``"id"`` (lists, ``None``
+    where an item has none) when an item carries one (served requests do)."""
+    batch = {
+        "caption": [i["caption"] for i in items],
+        "label": torch.tensor([i["label"] for i in items]),
+        "index": torch.tensor([i["index"] for i in items]),
+        "name": [i["name"] for i in items],
+    }
+    for key in ("seed", "id"):
+        if any(key in item for item in items):
+            batch[key] = [item.get(key) for item in items]
+    return batch
+
+
+#: The longest prompt a served model reads, in characters (the tokenizer truncates far below this; the
+#: limit keeps a request from holding megabytes of text).
+MAX_PROMPT_CHARACTERS = 1000
+#: Seeds are what ``torch.Generator.manual_seed`` takes, kept to signed 64 bits.
+MAX_SEED = 2**63 - 1
+
+
+class PromptRequestCodec(RequestCodec):
+    """``zoo serve`` requests for latent diffusion: ``{"prompt": ...}`` or ``{"class": ...}``, an optional
+    ``seed`` and ``id``. A request becomes the predict item its prompt's line in ``predict_path`` would be, so
+    the answer is that prompt's ``zoo predict`` record (``{"id", "prompt", "seed", "grid"}``, the grid as a
+    base64 PNG), sampled with the request's seed, or the model's ``sampling.seed`` without one.
+
+    Class-conditional models draw classes: ``class`` (a name or an index) is checked against the data's classes
+    here, a ``prompt`` must name one too (the model refuses free text). Caption models take any ``prompt``
+    (their tokenizer keeps its first ``max_length`` tokens, as in ``zoo predict``); ``class`` gives them the
+    caption the data uses for the class.
+    """
+
+    fields = {
+        "prompt": "what to draw: a caption, a class name or a class index (a line of predict_path)",
+        "class": "instead of prompt: a class name or index",
+        "seed": "optional integer >= 0 (default: the model's sampling.seed)",
+        "id": "optional name, echoed in the answer",
+    }
+
+    def __init__(self, class_names: list[str], shapes: bool = False) -> None:
+        self.class_names = list(class_names)
+        self.shapes = shapes
+
+    def parse(self, payload) -> dict:
+        payload = self.check_keys(payload)
+        if "class" in payload:
+            if "prompt" in payload:
+                raise RequestError("class", "give either 'prompt' or 'class', not both")
+            line = self._class_name(payload["class"])
+        elif "prompt" not in payload:
+            raise RequestError("prompt", "missing: give 'prompt' (a caption or class name) or 'class'")
+        else:
+            line = text_field(payload, "prompt", max_length=MAX_PROMPT_CHARACTERS).strip()
+            if not line:
+                raise RequestError("prompt", "blank")
+        try:
+            item = prompt_item(line, self.class_names, self.shapes)
+        except ValueError as error:
+            raise RequestError("prompt", str(error)) from None
+        seed = integer_field(payload, "seed", low=0, high=MAX_SEED)
+        if seed is not None:
+            item["seed"] = seed
+        item_id = text_field(payload, "id", required=False, max_length=1000)
+        if item_id is not None:
+            item["id"] = item_id
+        return item
+
+    def collate(self, items) -> dict:
+        return collate_prompts(list(items))
+
+    def _class_name(self, value) -> str:
+        names = self.class_names
+        if not names:
+            raise RequestError("class", "this data has no classes: give 'prompt' (a caption)")
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise RequestError("class", f"expected a class name or index, got {type(value).__name__}")
+        if isinstance(value, int) or value.strip().isdigit():
+            index = int(value)
+            if not 0 <= index < len(names):
+                raise RequestError("class", f"index {index} is outside [0, {len(names) - 1}]")
+            return names[index]
+        lookup = {name.lower(): name for name in names}
+        if value.strip().lower() not in lookup:
+            shown = ", ".join(repr(n) for n in names[:12]) + (
+                f", ... ({len(names)} in all)" if len(names) > 12 else ""
+            )
+            raise RequestError("class", f"unknown class {value!r}; the classes are {shown}")
+        return lookup[value.strip().lower()]

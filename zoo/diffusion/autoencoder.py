@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
@@ -40,6 +41,20 @@ from zoo.diffusion.model import AUTOENCODERS, FirstStage, build_autoencoder
 from zoo.parts import plain_part, resolve_part
 
 __all__ = ["Autoencoder"]
+
+
+class _FirstStageCall(nn.Module):
+    """One direction of the first stage, ``encode`` or ``decode``, as a module of its own (one graph)."""
+
+    def __init__(self, first_stage: FirstStage, direction: str) -> None:
+        from zoo.diffusion.module import first_stage_networks, read_networks
+
+        super().__init__()
+        self.call = getattr(first_stage, direction)  # a bound method: the graph holds only what it reads
+        self.networks = read_networks(**first_stage_networks(first_stage, direction))
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.call(tensor)
 
 
 class Autoencoder(ZooModule):
@@ -132,6 +147,31 @@ class Autoencoder(ZooModule):
         side = self.hparams.img_size
         images = torch.rand(batch_size, self.model.image_channels, side, side, device=self.device) * 2 - 1
         return (images,)
+
+    def export_graphs(self) -> list:
+        """What ``zoo export --format pt2|onnx`` writes, both with a dynamic batch: ``encoder`` (images in
+        [-1, 1] -> latents: the KL posterior's mode, or VQ's latents before quantisation, as ``encode``) and
+        ``decoder`` (latents -> images, unclamped; VQ quantises first, as ``decode``). The latents are
+        unscaled: a latent-diffusion model's own ``decoder`` graph applies its scale factor. diffusers'
+        upsampling layers are made export-friendly in place (``exportable_upsampling``)."""
+        from zoo.diffusion.module import batch_graph, exportable_upsampling
+
+        exportable_upsampling(self.model)
+        factor = self.model.downsample_factor
+        side = self.hparams.img_size // factor
+
+        def images(n: int) -> dict[str, torch.Tensor]:
+            return {"images": self.example_inputs(n)[0]}
+
+        def latents(n: int) -> dict[str, torch.Tensor]:
+            generator = torch.Generator().manual_seed(n)
+            shape = (n, self.model.latent_channels, side, side)
+            return {"latents": torch.randn(shape, generator=generator).to(self.device)}
+
+        return [
+            batch_graph("encoder", _FirstStageCall(self.model, "encode"), images, ("latents",)),
+            batch_graph("decoder", _FirstStageCall(self.model, "decode"), latents, ("images",)),
+        ]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode(images)

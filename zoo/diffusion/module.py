@@ -19,21 +19,34 @@ The module is assembled from parts, each one constructor argument that YAML swap
 Optional spatial conditioning by concatenation (inpainting: a mask and the masked image's latents),
 gradient checkpointing and a latent cache are flags. EMA is the ``zoo.callbacks.EMA`` callback; mixed
 precision is the trainer's ``precision``.
+
+``zoo export`` writes the networks of sampling as separate graphs (``export_graphs``): the denoiser, the
+decoder, and the caption encoder where there is one; the sampling loop, the scheduler and the tokenizer stay
+in Python around them. ``library_exports`` adds diffusers' pipeline folder and LoRA adapter files.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.upsampling import Upsample2D
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from zoo.base import ZooModule, rename_keys
 from zoo.diffusion.checkpoints import upgrade_latent_diffusion_arguments
-from zoo.diffusion.conditioning import ClassConditioning, Conditioning, ConditioningConfig
+from zoo.diffusion.conditioning import (
+    CaptionConditioner,
+    ClassConditioner,
+    ClassConditioning,
+    Conditioning,
+    ConditioningConfig,
+)
 from zoo.diffusion.images import make_grid, to_pil, to_unit_range
 from zoo.diffusion.model import (
     DENOISERS,
@@ -50,7 +63,15 @@ from zoo.lora import LoRAConfig
 from zoo.optim import WarmupCosineLR
 from zoo.parts import plain_part, resolve_part
 
-__all__ = ["LatentDiffusion", "random_box_masks"]
+__all__ = [
+    "LatentDiffusion",
+    "batch_graph",
+    "caption_tokens",
+    "exportable_upsampling",
+    "first_stage_networks",
+    "random_box_masks",
+    "read_networks",
+]
 
 
 def random_box_masks(
@@ -65,6 +86,156 @@ def random_box_masks(
         left = int(torch.randint(0, size - w + 1, (1,), generator=generator))
         masks[i, :, top : top + h, left : left + w] = 1.0
     return masks.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- export
+class _ExportableUpsample2D(Upsample2D):
+    """diffusers' ``Upsample2D`` making its input contiguous at every batch size, not only from 64 samples on
+    (a CUDA kernel's limit): that branch on the batch size is what ``torch.export`` would turn into a bound of
+    63 on the dynamic batch. ``contiguous()`` changes no value, so this is the same function everywhere."""
+
+    def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        if self.norm is not None or self.use_conv_transpose or not self.interpolate:
+            return super().forward(hidden_states, output_size, *args, **kwargs)
+        hidden_states = hidden_states.contiguous()
+        if output_size is None:
+            hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
+        else:
+            hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
+        if self.use_conv:
+            hidden_states = (self.conv if self.name == "conv" else self.Conv2d_0)(hidden_states)
+        return hidden_states
+
+
+def exportable_upsampling(network: nn.Module) -> nn.Module:
+    """``network`` with its ``Upsample2D`` layers made ``_ExportableUpsample2D`` in place (same weights, same
+    outputs), so that its exported graph takes any batch size."""
+    for module in network.modules():
+        if type(module) is Upsample2D:
+            module.__class__ = _ExportableUpsample2D
+    return network
+
+
+def batch_graph(name: str, module: nn.Module, example: Callable[[int], dict[str, torch.Tensor]],
+                output_names: tuple[str, ...]):  # fmt: skip
+    """An ``ExportGraph`` of ``module`` traced on ``example(2)`` and checked on ``example(3)`` (named inputs),
+    every input with a dynamic batch (axis 0)."""
+    from zoo.export import ExportGraph
+
+    with torch.no_grad():
+        inputs, check = example(2), example(3)
+    return ExportGraph(
+        name=name,
+        module=module.eval(),
+        inputs=tuple(inputs.values()),
+        check_inputs=tuple(check.values()),
+        input_names=tuple(inputs),
+        output_names=output_names,
+        dynamic_dims=tuple({0: "batch"} for _ in inputs),
+    )
+
+
+#: Captions the caption encoder and the denoiser are traced with (the empty one is the null caption).
+_EXAMPLE_CAPTIONS = ("a small red circle in the top left", "", "a large blue square in the centre")
+
+
+class _DenoiserGraph(nn.Module):
+    """``LatentDiffusion.forward`` on the tensors a sampling loop holds, passed in the order of ``names``.
+
+    A class label's token is one row of an embedding, looked up here rather than in a graph of its own
+    (``ClassConditioner.forward`` without its check of the label range, a branch on values); an
+    unconditional model's null token is a constant of the graph.
+    """
+
+    def __init__(self, diffusion: LatentDiffusion, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.names = names
+        self.denoise = diffusion.forward  # a bound method, not a submodule: see ``read_networks``
+        self.networks = read_networks(
+            model=diffusion.model,
+            controlnet=getattr(diffusion, "controlnet", None),
+            conditioner=None if "context" in names else diffusion.conditioner,
+        )
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        given = dict(zip(self.names, tensors))
+        latents = given["latents"]
+        if "class_labels" in given:
+            labels = given["class_labels"]
+            embedding = self.networks["conditioner"].embedding
+            cond = Conditioning(context=embedding(labels)[:, None], class_labels=labels)
+        elif "context" in given:
+            cond = Conditioning(context=given["context"], context_mask=given["context_mask"])
+        else:
+            cond = self.networks["conditioner"].null(latents.shape[0], latents.device)
+        return self.denoise(
+            latents,
+            given["timesteps"],
+            cond.context,
+            cond.class_labels,
+            cond.context_mask,
+            given.get("control"),
+        )
+
+
+class _TextEncoderGraph(nn.Module):
+    """Token ids and their mask -> the denoiser's ``context`` and ``context_mask``: the caption conditioner
+    after its tokenizer (the zoo's word tokenizer, or CLIP's), which stays in Python."""
+
+    def __init__(self, conditioner: CaptionConditioner) -> None:
+        super().__init__()
+        self.conditioner = conditioner
+
+    def forward(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.conditioner.clip is not None:  # CLIP's text model attends to the padding, as the zoo's call
+            context = self.conditioner.clip.model(input_ids=token_ids).last_hidden_state
+        else:
+            context = self.conditioner.encoder(token_ids, token_mask)
+        return context, token_mask.to(context.dtype)
+
+
+def caption_tokens(conditioner: CaptionConditioner, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_ids, token_mask)`` of ``captions`` as the caption conditioner tokenizes them (padded to its
+    maximum length): the inputs of an exported ``text_encoder``."""
+    if conditioner.clip is not None:
+        tokens = conditioner.clip.tokenizer(
+            captions, padding="max_length", truncation=True, return_tensors="pt"
+        )
+        return tokens.input_ids, tokens.attention_mask.bool()
+    return conditioner.tokenizer(captions)
+
+
+class _LatentCodec(nn.Module):
+    """The first stage between images in [-1, 1] and *scaled* latents (``LatentDiffusion.encode`` /
+    ``decode``), the scale factor a constant of the graph."""
+
+    def __init__(self, first_stage: nn.Module, scale: float, direction: str) -> None:
+        super().__init__()
+        self.call = getattr(first_stage, direction)  # a bound method, not a submodule: see ``read_networks``
+        self.networks = read_networks(**first_stage_networks(first_stage, direction))
+        self.scale = scale
+        self.direction = direction
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.direction == "encode":
+            return self.call(tensor) * self.scale
+        return self.call(tensor / self.scale).clamp(-1, 1)
+
+
+def read_networks(**networks: nn.Module | None) -> nn.ModuleDict:
+    """The networks a graph module reads, to register on it in place of their owner: ``torch.export`` saves
+    every weight of the module it traces, so a graph module holding the whole ``LatentDiffusion`` would carry
+    the autoencoder in the denoiser's file. The graph module calls its owner's method, which reaches these
+    same networks."""
+    return nn.ModuleDict({name: network for name, network in networks.items() if network is not None})
+
+
+def first_stage_networks(first_stage: nn.Module, direction: str) -> dict[str, nn.Module]:
+    """The parts of a ``FirstStage``'s diffusers autoencoder that ``encode`` or ``decode`` reads (none for pixel
+    space): the encoder and ``quant_conv``, or the decoder, ``post_quant_conv`` and VQ's codebook."""
+    autoencoder = getattr(first_stage, "autoencoder", None)
+    names = ("encoder", "quant_conv") if direction == "encode" else ("decoder", "post_quant_conv", "quantize")
+    return {n: getattr(autoencoder, n) for n in names if isinstance(getattr(autoencoder, n, None), nn.Module)}
 
 
 class LatentDiffusion(ZooModule):
@@ -495,19 +666,113 @@ class LatentDiffusion(ZooModule):
         Record: ``{"id": the prompt line (class name or caption), "prompt": the caption or class sampled,
         "seed": int, "grid": PIL image}``; the grid is one row of ``sampling.samples_per_prompt`` samples.
         Prompt ``i`` of the file is sampled with seed ``sampling.seed + i``, alone, so
-        ``generate(labels=[label] * n, seed=seed)`` (or ``captions=``) redraws its grid exactly.
+        ``generate(labels=[label] * n, seed=seed)`` (or ``captions=``) redraws its grid exactly. A batch may
+        carry ``"seed"`` and ``"id"`` lists (``zoo serve``'s requests): an item's own seed and id, where not
+        ``None``, replace these.
         """
         n = self.sampling.samples_per_prompt
         asked = self.conditioner.prompts(batch)  # {"labels": [...]}, {"captions": [...]} or {}
+        names = list(batch["name"])
+        seeds, ids = batch.get("seed") or [None] * len(names), batch.get("id") or [None] * len(names)
         records = []
-        for i, (name, index) in enumerate(zip(batch["name"], torch.as_tensor(batch["index"]).tolist())):
-            seed = self.sampling.seed + index
+        for i, (name, index) in enumerate(zip(names, torch.as_tensor(batch["index"]).tolist())):
+            seed = self.sampling.seed + index if seeds[i] is None else int(seeds[i])
             one = {key: [values[i]] * n for key, values in asked.items()}
             images = self.generate(**one, num_samples=n, seed=seed)
             grid = make_grid(to_unit_range(images), nrow=n)
             prompt = batch["caption"][i] if "captions" in asked else name
-            records.append({"id": name, "prompt": prompt, "seed": seed, "grid": to_pil(grid)})
+            record_id = name if ids[i] is None else ids[i]
+            records.append({"id": record_id, "prompt": prompt, "seed": seed, "grid": to_pil(grid)})
         return records
+
+    # --------------------------------------------------------------- export
+    def export_graphs(self) -> list:
+        """What ``zoo export --format pt2|onnx`` writes, every graph with a dynamic batch:
+
+        - ``denoiser``: ``latents`` (the denoiser's whole input, with an inpainting model's extra channels),
+          ``timesteps`` (int64, one per sample) and the conditioning's tensors -> ``prediction`` (noise or v).
+          Class models take ``class_labels`` (``num_classes`` is the null class), caption models ``context``
+          and ``context_mask``, unconditional models nothing more; a ControlNet adds ``control``;
+        - ``text_encoder`` (caption models): ``token_ids``, ``token_mask`` -> ``context``, ``context_mask``;
+        - ``decoder``: scaled latents -> images in [-1, 1]; ``encoder`` (inpainting models): images -> scaled
+          latents, for the masked image's channels.
+
+        The sampling loop stays in Python: the scheduler, classifier-free guidance (which doubles the batch:
+        conditional then null condition) and the tokenizer (``caption_tokens``), as in ``generate``.
+        diffusers' upsampling layers are made export-friendly in place (``exportable_upsampling``).
+        """
+        from zoo.export import ExportError
+
+        if float(self.scale_factor) == 0.0:
+            raise ExportError(
+                "the decoder graph needs the latent scale_factor, which was never estimated: export a trained "
+                "checkpoint (--ckpt_path), or pass --model.init_args.scale_factor"
+            )
+        scale = float(self.scale_factor)
+        exportable_upsampling(self.model)
+        exportable_upsampling(self.first_stage)
+        names = tuple(self._denoiser_example(2))
+        graphs = [
+            batch_graph("denoiser", _DenoiserGraph(self, names), self._denoiser_example, ("prediction",))
+        ]
+        if isinstance(self.conditioner, CaptionConditioner):
+
+            def tokens(n: int) -> dict[str, torch.Tensor]:
+                captions = [_EXAMPLE_CAPTIONS[i % len(_EXAMPLE_CAPTIONS)] for i in range(n)]
+                ids, mask = caption_tokens(self.conditioner, captions)
+                return {"token_ids": ids.to(self.device), "token_mask": mask.to(self.device)}
+
+            text_encoder = _TextEncoderGraph(self.conditioner)
+            graphs.append(batch_graph("text_encoder", text_encoder, tokens, ("context", "context_mask")))
+
+        def latents(n: int) -> dict[str, torch.Tensor]:
+            return {"latents": self._denoiser_example(n)["latents"][:, : self.latent_channels]}
+
+        decoder = _LatentCodec(self.first_stage, scale, "decode")
+        graphs.append(batch_graph("decoder", decoder, latents, ("images",)))
+        if self.hparams.inpainting:
+
+            def images(n: int) -> dict[str, torch.Tensor]:
+                return {"images": decoder(latents(n)["latents"])}
+
+            encoder = _LatentCodec(self.first_stage, scale, "encode")
+            graphs.append(batch_graph("encoder", encoder, images, ("latents",)))
+        return graphs
+
+    @torch.no_grad()
+    def _denoiser_example(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The denoiser graph's inputs by name: ``example_inputs`` with real conditions (labels drawn over
+        every class and the null class, captions encoded) instead of the null condition alone."""
+        example = self.example_inputs(batch_size)
+        inputs = {"latents": example[0], "timesteps": example[1]}
+        if isinstance(self.conditioner, ClassConditioner):
+            generator = torch.Generator().manual_seed(batch_size)
+            labels = torch.randint(0, self.conditioner.num_classes + 1, (batch_size,), generator=generator)
+            inputs["class_labels"] = labels.to(self.device)
+        elif isinstance(self.conditioner, CaptionConditioner):
+            captions = [_EXAMPLE_CAPTIONS[i % len(_EXAMPLE_CAPTIONS)] for i in range(batch_size)]
+            cond = self.conditioner(captions)
+            inputs["context"], inputs["context_mask"] = cond.context, cond.context_mask
+        if len(example) > 5:  # ControlNetDiffusion: forward's control image
+            inputs["control"] = example[5]
+        return inputs
+
+    def library_exports(self) -> dict[str, Callable[[Path], list[Path]]]:
+        """diffusers' formats for ``zoo export --format``: ``diffusers`` (a pipeline folder) and
+        ``diffusers-lora`` (the LoRA adapters), written by ``zoo.diffusion.pipeline_export``, which is
+        imported only when one of them is asked for."""
+
+        def pipeline(folder: Path) -> list[Path]:
+            from zoo.diffusion.pipeline_export import write_diffusers_pipeline
+
+            return write_diffusers_pipeline(self, folder)
+
+        def lora(folder: Path) -> list[Path]:
+            from zoo.diffusion.pipeline_export import write_lora_adapter
+
+            return write_lora_adapter(self, folder)
+
+        return {"diffusers": pipeline, "diffusers-lora": lora}
 
     # ----------------------------------------------------------------- LoRA
     def save_lora(self, path: str | Path) -> Path:
