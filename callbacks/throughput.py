@@ -61,6 +61,14 @@ class ThroughputMonitor(LightningThroughputMonitor):
                 available_flops=self.available_flops, world_size=trainer.world_size, **self.kwargs
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        """The counts travel in checkpoints: a resumed fit does not count again, so it runs every step as the
+        uninterrupted fit did (a step under the counter may round differently)."""
+        return {"flops": {stage.value: flops for stage, flops in self.flops.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.flops = {RunningStage(stage): flops for stage, flops in state_dict.get("flops", {}).items()}
+
     # ------------------------------------------------------------------ counting
     def _start_count(self, trainer: Trainer) -> None:
         stage = trainer.state.stage

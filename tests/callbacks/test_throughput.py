@@ -74,3 +74,11 @@ def test_a_fit_logs_throughput_and_mfu_with_nothing_declared(
     logged = trainer.logged_metrics
     assert 0 < logged["train/device/mfu"] < 1
     assert logged["train/device/flops_per_sec"] > 0 and logged["train/device/samples_per_sec"] > 0
+
+
+def test_counts_travel_in_checkpoints_so_a_resumed_fit_does_not_count_again():
+    monitor = ThroughputMonitor()
+    monitor.flops = {RunningStage.TRAINING: 300, RunningStage.VALIDATING: 100}
+    resumed = ThroughputMonitor()
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed.flops == monitor.flops
