@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/vision/deit_tiny.yaml
 PYTEST_ARGS ?=
+# Test files shared out to one worker per core (pytest-xdist), each computing on one thread (tests/conftest.py):
+# most tests are tiny models, process start-ups and waits, which one thread runs as fast as two.
+# `make test XDIST=` runs in one process.
+XDIST ?= -n auto --dist loadfile
 
 .PHONY: install install-dev train test test-fast lint bench clean
 
@@ -32,11 +36,11 @@ lint: install-dev
 
 # The whole suite but GPU tests (what CI runs); the slowest 15 tests are listed at the end.
 test: lint
-	$(BIN)/python -m pytest -m "not gpu" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: no quality runs, no process spawning (at most 5 minutes on 2 cores).
 test-fast: install-dev
-	$(BIN)/python -m pytest -m "not gpu and not slow and not distributed" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu and not slow and not distributed" $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 # One script per question; each prints a table and writes benchmarks/results/<name>.json.
 bench: install-dev

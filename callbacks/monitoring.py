@@ -45,6 +45,7 @@ ACTIONS = get_args(Action)
 # acted on before the optimizer step; "other_rank": another process saw one of the others at this step
 ACTIONABLE = ("nan_loss", "nan_grad", "loss_spike", "exploding_grad", "other_rank")
 NON_FINITE = ("nan_loss", "nan_grad")  # traced to the first non-finite module or gradient
+CACHE_BYTES = 2**19  # a run of weights, with their copy, that stays in a core's L2 cache between two passes
 # What a checkpoint carries (plain python types: loadable with ``torch.load(weights_only=True)``).
 STATE = (
     "losses",
@@ -152,6 +153,64 @@ def _cpu_copy(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(_cpu_copy(value) for value in obj)
     return copy.deepcopy(obj)
+
+
+def _runs(tensors: list[Tensor]) -> list[slice]:
+    """On the CPU, runs of consecutive tensors of at most ``CACHE_BYTES`` each (a larger tensor alone): the
+    passes of a logging step over weights (copy and norm; update, its norm and the weight statistics) go run by
+    run, so all but the first read a run from cache instead of memory. On an accelerator, one run: a
+    multi-tensor kernel per pass."""
+    if not tensors or tensors[0].device.type != "cpu":
+        return [slice(0, len(tensors))]
+    runs, start, size = [], 0, 0
+    for i, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        if i > start and size + nbytes > CACHE_BYTES:
+            runs.append(slice(start, i))
+            start, size = i, 0
+        size += nbytes
+    runs.append(slice(start, len(tensors)))
+    return runs
+
+
+class _WeightStatistics:
+    """Mean, std and max |w| of weight matrices (not biases or norms, nor empty weights), reduced a run of
+    weights at a time (``add``) and read from the caller's single host copy of ``values`` (``metrics``).
+
+    std comes from the L2 norm and the mean (``E[w^2] - E[w]^2``), max |w| from ``max(max w, -min w)`` (the
+    infinity norm has no vectorised CPU kernel: 10x slower), so a weight costs four reductions and no sync.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.sizes: list[int] = []
+        self.values: list[Tensor] = []  # mean, L2 norm, max, min of each weight in turn (0-dim tensors)
+
+    def add(self, named: list[tuple[str, Tensor]]) -> None:
+        weights = [(n, p.detach()) for n, p in named if p.ndim > 1 and p.numel()]
+        if not weights:
+            return
+        tensors = [w for _, w in weights]
+        self.names += [n for n, _ in weights]
+        self.sizes += [w.numel() for w in tensors]
+        means = [w.mean() for w in tensors]
+        norms = torch._foreach_norm(tensors)
+        maxima = torch._foreach_max(tensors)
+        minima = [w.amin() for w in tensors]
+        for reductions in zip(means, norms, maxima, minima):
+            self.values.extend(reductions)
+
+    def metrics(self, values: list[float]) -> dict[str, float]:
+        """The logged statistics, from ``values`` (``self.values`` as python floats)."""
+        metrics = {}
+        for i, (name, n) in enumerate(zip(self.names, self.sizes)):
+            mean, norm, top, bottom = values[4 * i : 4 * i + 4]
+            variance = max(norm * norm / n - mean * mean, 0.0) * n / max(n - 1, 1)  # max keeps a NaN
+            metrics[f"monitor/weight_mean/{name}"] = mean
+            metrics[f"monitor/weight_std/{name}"] = math.sqrt(variance)
+            peak = math.nan if math.isnan(top) or math.isnan(bottom) else max(top, -bottom)
+            metrics[f"monitor/weight_max/{name}"] = peak
+        return metrics
 
 
 @contextlib.contextmanager
@@ -297,7 +356,9 @@ class TrainingMonitor(Callback):
         self.stopped: dict[str, Any] | None = None  # this fit's stop: anomaly, step, origin, checkpoint
         self._pending: list[dict[str, Any]] = []  # anomalies of the current step, acted on before the step
         self._last_start: float | None = None
-        self._weights_before: list[Tensor] | None = None
+        self._weights_before: list[Tensor] | None = None  # a logging step's weights before its update
+        self._weight_norm: Tensor | None = None  # their norm
+        self._weights_buffer: list[Tensor] | None = None  # their memory, kept between logging steps on CPU
         self._named_parameters: list[tuple[str, Tensor]] | None = None
         self._batch_samples: int | None = None
         self._batch_tokens: int | None = None
@@ -439,17 +500,54 @@ class TrainingMonitor(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         log_now = self._log_step(trainer)
-        named = [(n, p) for n, p in self._parameters(pl_module, refresh=log_now) if p.grad is not None]
-        if named:
-            # One fused kernel over every gradient, one host sync: cheap enough for every step.
-            norms = torch.stack(torch._foreach_norm([p.grad.detach() for _, p in named])).float()
-            total = float(norms.norm())
+        named = self._parameters(pl_module, refresh=log_now)
+        grads = [p.grad for _, p in named]
+        if any(g is None for g in grads):
+            named = [item for item, g in zip(named, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if grads:
+            # One multi-tensor norm over every gradient (no per-tensor detach: no_grad instead), one host
+            # sync. What remains is reading the gradients once, which the check needs.
+            with torch.no_grad():
+                norms = torch.stack(torch._foreach_norm(grads)).float()
+                total = float(torch.linalg.vector_norm(norms))
             self._check_gradients(trainer, named, norms, total)
             if log_now:
                 self._log_gradients(trainer, named, norms, total)
-        if log_now:
-            self._weights_before = [p.detach().clone() for _, p in self._parameters(pl_module, refresh=False)]
+        if log_now and self._parameters(pl_module, refresh=False):
+            self._weights_before = self._copy_weights(self._parameters(pl_module, refresh=False))
         self._act(trainer, pl_module, optimizer)
+
+    @torch.no_grad()
+    def _copy_weights(self, named: list[tuple[str, Tensor]]) -> list[Tensor]:
+        """The weights before a logging step's update (for its update norm), and their norm, taken from the
+        copy while it is in cache. On the CPU the copy's memory is kept from one logging step to the next:
+        fresh host memory costs page faults, several times the copy itself (resident memory is one copy of the
+        weights higher between logging steps, its peak unchanged). On an accelerator it comes from the caching
+        allocator and goes back after the step, so activations can use it in between."""
+        params = [p.detach() for _, p in named]
+        buffer, self._weights_buffer = self._weights_buffer, None
+        reuse = (
+            buffer is not None
+            and len(buffer) == len(params)
+            and all(
+                b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
+                for b, p in zip(buffer, params)
+            )
+        )
+        copies: list[Tensor] = []
+        norms: list[Tensor] = []
+        for run in _runs(params):
+            if reuse:
+                part = buffer[run]
+                for b, p in zip(part, params[run]):
+                    b.copy_(p)
+            else:
+                part = [p.clone() for p in params[run]]
+            copies += part
+            norms += torch._foreach_norm(part)
+        self._weight_norm = torch.linalg.vector_norm(torch.stack(norms).float())
+        return copies
 
     def _check_gradients(self, trainer: Trainer, named: list, norms: Tensor, total: float) -> None:
         if not math.isfinite(total):
@@ -684,8 +782,19 @@ class TrainingMonitor(Callback):
         before, self._weights_before = self._weights_before, None
         named = self._parameters(pl_module, refresh=False)
         params = [p.detach() for _, p in named]
-        update = float(torch.stack(torch._foreach_norm(torch._foreach_sub(params, before))).norm())
-        weight = float(torch.stack(torch._foreach_norm(before)).norm())
+        weights = _WeightStatistics()
+        norms: list[Tensor] = []
+        with torch.no_grad():
+            for run in _runs(params):
+                torch._foreach_sub_(before[run], params[run])  # in place: the update, negated
+                norms += torch._foreach_norm(before[run])
+                if self.per_layer:  # this run's weights are in cache after the subtraction
+                    weights.add(named[run])
+            update = torch.linalg.vector_norm(torch.stack(norms).float())
+            weight, self._weight_norm = self._weight_norm, None
+            update, weight, *values = torch.stack([update, weight, *weights.values]).tolist()
+        if all(b.device.type == "cpu" for b in before):
+            self._weights_buffer = before
         metrics: dict[str, float] = {"monitor/update_to_weight": update / max(weight, 1e-12)}
         for i, group in enumerate(trainer.optimizers[0].param_groups if trainer.optimizers else []):
             metrics[f"monitor/lr/pg{i}"] = float(group["lr"])
@@ -704,36 +813,16 @@ class TrainingMonitor(Callback):
             metrics["monitor/cuda_reserved_gb"] = torch.cuda.memory_reserved(pl_module.device) / 2**30
             with contextlib.suppress(Exception):  # NVML (pynvml) absent
                 metrics["monitor/gpu_utilization"] = float(torch.cuda.utilization(pl_module.device))
-        if self.per_layer:
-            metrics.update(self._weight_statistics(named))
+        metrics.update(weights.metrics(values))
         self._log(trainer, metrics)
 
     @staticmethod
     @torch.no_grad()
     def _weight_statistics(named: list[tuple[str, Tensor]]) -> dict[str, float]:
-        """Mean, std and max |w| of every weight matrix, from fused norms and one host sync.
-
-        std comes from the L2 norm and the mean (``E[w^2] - E[w]^2``), max |w| from the infinity norm, so
-        the whole model costs three multi-tensor kernels and a stack instead of three reductions and three
-        syncs per tensor.
-        """
-        weights = [(n, p.detach()) for n, p in named if p.ndim > 1]  # weights, not biases / norms
-        if not weights:
-            return {}
-        tensors = [w for _, w in weights]
-        sizes = torch.tensor([w.numel() for w in tensors], dtype=torch.float64)
-        means = torch.stack([w.mean() for w in tensors]).double().cpu()
-        l2 = torch.stack(torch._foreach_norm(tensors)).double().cpu()
-        peak = torch.stack(torch._foreach_norm(tensors, ord=math.inf)).double().cpu()
-        variance = (l2.square() / sizes - means.square()).clamp(min=0) * sizes / (sizes - 1).clamp(min=1)
-        metrics = {}
-        for (name, _), mean, std, top in zip(
-            weights, means.tolist(), variance.sqrt().tolist(), peak.tolist()
-        ):
-            metrics[f"monitor/weight_mean/{name}"] = mean
-            metrics[f"monitor/weight_std/{name}"] = std
-            metrics[f"monitor/weight_max/{name}"] = top
-        return metrics
+        """Mean, std and max |w| of every weight matrix, with one host sync (``_WeightStatistics``)."""
+        weights = _WeightStatistics()
+        weights.add(named)
+        return weights.metrics(torch.stack(weights.values).tolist()) if weights.values else {}
 
     # ---------------------------------------------------------------- report
     def _report_dir(self, trainer: Trainer) -> str:
@@ -787,7 +876,7 @@ class TrainingMonitor(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Also reached when ``stop`` ended the fit: the report then says how to resume."""
-        self._snapshot = None  # the host memory it held goes back
+        self._snapshot = self._weights_buffer = None  # the host memory they held goes back
         if not trainer.is_global_zero:
             return
         report = self.report()

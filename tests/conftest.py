@@ -5,6 +5,7 @@ Every test starts and ends with the same global torch thread count, whatever it 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +14,15 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
+
+
+def pytest_configure(config):
+    """Under ``pytest -n N`` (pytest-xdist, what ``make test`` runs) each worker, and every process a test
+    starts, computes on one thread: N workers of the default thread count would share the cores N times over,
+    which makes each 5-20x slower on a 2-core machine."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

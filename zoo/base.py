@@ -12,7 +12,8 @@ signature and argument checks:
   ``<stage>/<collection prefix><metric>``, dict-valued metrics (mAP/NDS, contact precisions) flattened.
 
 It also turns the optimizer and scheduler given in YAML into ``configure_optimizers``, checks a resumed
-checkpoint against the model, shards ``sharding_units`` under FSDP2, and fixes the predict contract:
+checkpoint against the model, shards ``sharding_units`` under FSDP2, compiles ``self.model`` with
+``torch.compile`` when the family's ``compile`` argument asks (``configure_model``), and fixes the predict contract:
 ``predict_step`` returns one serialisable record per input (``zoo.predict``) and ``example_inputs()`` a small
 batch in the network's input format for tracing.
 """
@@ -33,7 +34,16 @@ from torchmetrics import Metric, MetricCollection
 from zoo.errors import ZooError
 from zoo.optim import WarmupCosineLR, apply_lr_scales, weight_decay_groups
 
-__all__ = ["DEFAULT_GROUP", "IGNORE_INDEX", "STAGES", "ZooModule", "rename_callback_states", "rename_keys"]
+__all__ = [
+    "COMPILE_OPTIONS",
+    "DEFAULT_GROUP",
+    "IGNORE_INDEX",
+    "STAGES",
+    "ZooModule",
+    "compile_options",
+    "rename_callback_states",
+    "rename_keys",
+]
 
 STAGES = ("train", "val", "test")
 #: Label value the zoo's losses and metrics skip (PyTorch's ``cross_entropy`` default).
@@ -44,6 +54,61 @@ METRIC_STATES_KEY = "zoo_metric_states"
 LOGGED_VALUES_KEY = "zoo_logged_epoch_values"
 # ``self.log(reduce_fx=...)`` reductions whose running value can be checkpointed (Lightning parses the names)
 _REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "max": torch.max, "min": torch.min}
+#: The ``torch.compile`` keyword arguments a module's ``compile`` argument may give.
+COMPILE_OPTIONS = ("mode", "fullgraph", "dynamic", "backend", "options")
+#: Graphs Dynamo keeps per compiled function before it runs it eagerly instead (PyTorch's default: 8), raised to
+#: this when a network is compiled: a network called for several tasks keeps one graph per task, in training and
+#: evaluation, with static and then dynamic shapes (the multitask Transformer's 3 default tasks need 12).
+RECOMPILE_LIMIT = 64
+
+
+def compile_options(value: bool | dict | None) -> dict[str, Any] | None:
+    """The ``torch.compile`` keyword arguments a family's ``compile`` argument stands for, checked.
+
+    ``False``/``None``: ``None`` (the network stays eager); ``True``: ``{}`` (PyTorch's defaults: inductor,
+    ``mode="default"``); a dict: its ``COMPILE_OPTIONS`` entries. Raises ``ZooError`` naming what is wrong, so a
+    bad YAML value fails when the module is built rather than at the first training step.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise ZooError(
+            f"compile must be true, false or a dict of torch.compile options ({', '.join(COMPILE_OPTIONS)}), "
+            f"got {value!r}"
+        )
+    unknown = sorted(set(value) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise ZooError(
+            f"compile has unknown options {unknown}: torch.compile takes {', '.join(COMPILE_OPTIONS)}"
+        )
+    if value.get("mode") is not None and value.get("options") is not None:
+        raise ZooError("compile: give `mode` or `options`, not both (torch.compile accepts only one of them)")
+    for key, kinds in (
+        ("fullgraph", (bool,)),
+        ("dynamic", (bool, type(None))),
+        ("options", (dict, type(None))),
+    ):
+        if key in value and not isinstance(value[key], kinds):
+            raise ZooError(
+                f"compile: `{key}` must be {' or '.join(k.__name__ for k in kinds)}, got {value[key]!r}"
+            )
+    mode = value.get("mode")
+    if mode is not None:
+        from torch._inductor import list_mode_options
+
+        modes = sorted(list_mode_options())
+        if mode not in modes:
+            raise ZooError(f"compile: unknown mode {mode!r}; torch.compile knows {modes}")
+    backend = value.get("backend")
+    if isinstance(backend, str):
+        from torch._dynamo import list_backends
+
+        backends = sorted(list_backends(exclude_tags=()))
+        if backend not in backends:
+            raise ZooError(f"compile: unknown backend {backend!r}; torch.compile knows {backends}")
+    return dict(value)
 
 
 class ZooModule(LightningModule):
@@ -57,6 +122,8 @@ class ZooModule(LightningModule):
 
     A subclass lists its own arguments, then ``optimizer`` and ``lr_scheduler``, and calls
     ``super().__init__(optimizer, lr_scheduler)``; every other argument is saved as a hyper-parameter.
+    A ``compile: bool | dict = False`` argument among them (every family has one) compiles ``self.model`` in
+    ``configure_model`` (see ``compile_options``).
     """
 
     #: Repeated block types (e.g. a transformer layer class). FSDP2 shards each instance as a
@@ -79,6 +146,7 @@ class ZooModule(LightningModule):
         super().__init__()
         # Lightning collects the arguments of every ``__init__`` frame up the subclass chain.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *self.hparams_ignore])
+        compile_options(self.hparams.get("compile"))  # a bad value fails here, not at the first step
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.metrics = nn.ModuleDict()
@@ -335,7 +403,69 @@ class ZooModule(LightningModule):
 
     # --------------------------------------------------------------- sharding
     def configure_model(self) -> None:
-        """Shard every ``sharding_units`` block, then the root, with FSDP2 under ``ModelParallelStrategy``."""
+        """Shard every ``sharding_units`` block, then the root, with FSDP2 under ``ModelParallelStrategy``; then,
+        when a trainer sets the module up, compile ``self.model`` if the ``compile`` hyper-parameter asks
+        (``compile_network``).
+
+        A trainer calls this on every rank, before DDP wraps the module, and again at each ``fit``/``validate``/
+        ``test``/``predict`` of the same module: compiling happens once. ``load_from_checkpoint`` calls it too,
+        without a trainer: a loaded module stays eager (``zoo export`` traces it, ``zoo serve`` answers at once);
+        ``compile_network()`` compiles it by hand.
+        """
+        self.shard_model()
+        if self._trainer is not None:
+            self.compile_network()
+
+    def compiled_networks(self) -> list[nn.Module]:
+        """The networks ``compile_network`` compiles: ``self.model`` by default. A family whose training runs
+        other networks, or methods of its network rather than its ``forward``, lists those instead (the
+        autoencoder's encoder and decoder, a ControlNet beside its UNet)."""
+        network = getattr(self, "model", None)
+        if not isinstance(network, nn.Module):
+            raise ZooError(f"compile: {type(self).__name__} has no network in `self.model` to compile")
+        return [network]
+
+    def compile_network(self) -> None:
+        """``network.compile(**options)`` for each of ``compiled_networks()``: the networks alone, in place, with
+        the ``compile`` hyper-parameter's ``torch.compile`` options.
+
+        In place (``nn.Module.compile``), not ``torch.compile(self.model)``: the module tree, parameter names and
+        state-dict keys stay the network's (no ``_orig_mod.`` prefix), so checkpoints load into compiled and eager
+        modules alike, and callbacks that hold parameters by name (``EMA``) or wrap the whole module (DDP, FSDP2,
+        after sharding) see what they would without compiling. Only calls of a compiled network run compiled;
+        its other methods (a ViT's ``forward_features``, a decoder's step) stay eager. Compiling is lazy: the
+        first call of each new shape, mode (train/eval) and grad mode pays for it; Dynamo's per-function graph
+        limit is raised to ``RECOMPILE_LIMIT`` (never lowered), as a multitask network needs more than 8.
+        """
+        options = compile_options(self.hparams.get("compile"))
+        if options is None:
+            return
+        networks = [n for n in self.compiled_networks() if getattr(n, "_compiled_call_impl", None) is None]
+        if not networks:  # compiled before
+            return
+        from lightning.pytorch.utilities import rank_zero_info
+
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        names = ", ".join(type(n).__name__ for n in networks)
+        rank_zero_info(f"{type(self).__name__}: compiling {names} with torch.compile({shown})")
+        import torch._dynamo.config as dynamo_config
+
+        limit = (
+            "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        )  # torch < 2.6
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), RECOMPILE_LIMIT))
+        for network in networks:
+            network.compile(**options)
+
+    def sharded_submodules(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one at a time, in this order, before the root: every ``sharding_units``
+        instance. FSDP2 gathers a unit's parameters for the unit's ``forward`` only, so a part that the network
+        calls from outside its unit must come first, as a unit of its own (diffusers' DiT)."""
+        return [module for module in self.modules() if isinstance(module, self.sharding_units)]
+
+    def shard_model(self) -> None:
+        """FSDP2 ``fully_shard`` of every ``sharding_units`` block and then the root, under ``ModelParallelStrategy``
+        (nothing otherwise)."""
         mesh = self.device_mesh
         if mesh is None or not self.sharding_units:
             return
@@ -345,15 +475,14 @@ class ZooModule(LightningModule):
 
         dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        for module in self.modules():
-            if isinstance(module, self.sharding_units):
-                # Built under ``zoo.strategies.empty_parameters``: one unit at a time is made real, initialised
-                # and sharded, so a rank never holds more than its shards plus one full unit.
-                materialize_parameters(module, device)
-                fully_shard(module, mesh=dp_mesh)
-                # methods besides forward that use the unit's parameters, e.g. a decoder's memory projection
-                for method in getattr(module, "fsdp_forward_methods", ()):
-                    register_fsdp_forward_method(module, method)
+        for module in self.sharded_submodules():
+            # Built under ``zoo.strategies.empty_parameters``: one unit at a time is made real, initialised
+            # and sharded, so a rank never holds more than its shards plus one full unit.
+            materialize_parameters(module, device)
+            fully_shard(module, mesh=dp_mesh)
+            # methods besides forward that use the unit's parameters, e.g. a decoder's memory projection
+            for method in getattr(module, "fsdp_forward_methods", ()):
+                register_fsdp_forward_method(module, method)
         materialize_parameters(self, device)  # what no unit holds (embeddings, heads, final norm)
         whole = {p for name in self.replicated_modules for p in self.get_submodule(name).parameters()}
         fully_shard(self, mesh=dp_mesh, ignored_params=whole or None)

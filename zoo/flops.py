@@ -123,7 +123,8 @@ def measured_cpu_flops(dtype: torch.dtype = torch.float32, size: int = 512, seco
     """Matrix-multiply FLOP/s on this CPU with the current thread count: the best of repeated ``size``-square
     products for about ``seconds`` (a CPU has no published peak to divide by; this is the rate it reaches)."""
     dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)  # its own stream: a fit's random draws stay as they were
+    a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
     torch.mm(a, b)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:

@@ -38,7 +38,10 @@ class ZooModelSummary(ModelSummary):
 
 
 def example_forward_flops(trainer, pl_module) -> int:
-    """FLOPs of ``forward(*example_inputs())``; 0 where it cannot run alone (sharded, meta, no example)."""
+    """FLOPs of ``forward(*example_inputs())``; 0 where it cannot run alone (sharded, meta, no example).
+
+    The random streams are left as they were: example inputs are drawn on one rank only, and the fit that
+    follows must draw what it would have drawn without the summary."""
     from zoo.flops import count_flops
 
     sharded = not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
@@ -47,7 +50,7 @@ def example_forward_flops(trainer, pl_module) -> int:
     training = pl_module.training
     try:
         pl_module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             inputs = pl_module.example_inputs()
             return count_flops(lambda: pl_module(*inputs))
     except NotImplementedError:

@@ -10,10 +10,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
 
+import zoo.callbacks.monitoring as monitoring
 from tests.callbacks.callback_testing import TinyClassifier, tiny_loader
 from zoo.callbacks import TrainingMonitor
 
@@ -162,6 +163,69 @@ def test_fused_weight_statistics_equal_per_tensor_reductions():
         assert stats[f"monitor/weight_mean/{name}"] == pytest.approx(float(value.mean()), abs=1e-6)
         assert stats[f"monitor/weight_std/{name}"] == pytest.approx(float(value.std()), rel=1e-5)
         assert stats[f"monitor/weight_max/{name}"] == pytest.approx(float(value.abs().max()), rel=1e-6)
+    infinite = torch.tensor([[1.0, -float("inf")]])
+    nan = torch.tensor([[1.0, float("nan")]])
+    stats = TrainingMonitor._weight_statistics([("inf", infinite), ("nan", nan), ("empty", torch.ones(0, 3))])
+    assert stats["monitor/weight_max/inf"] == float("inf") and np.isnan(stats["monitor/weight_max/nan"])
+    assert not any("empty" in key for key in stats)  # nothing to describe
+
+
+class Recorder(Logger):
+    """Keeps every logged row in memory."""
+
+    name, version = "recorder", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, float]] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append(dict(metrics))
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
+@pytest.mark.parametrize("cache_bytes", [64, 2**19])
+def test_update_ratio_and_weight_statistics_are_those_of_the_weights(make_trainer, monkeypatch, cache_bytes):
+    """Reduced run by run (64 bytes: one tensor a run), from a weight copy kept between logging steps, the
+    logged update-to-weight ratio and weight statistics equal direct reductions of the weights."""
+
+    class CopyMemory(Callback):  # after the monitor's hook: its copy of the weights, between logging steps
+        def __init__(self) -> None:
+            self.addresses: list[int] = []
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if monitor._weights_buffer is not None and trainer.global_step % 2 == 0:
+                self.addresses.append(monitor._weights_buffer[0].data_ptr())
+
+    monkeypatch.setattr(monitoring, "CACHE_BYTES", cache_bytes)
+    L.seed_everything(0)
+    model, monitor, logger, memory = (
+        TinyClassifier(),
+        TrainingMonitor(log_every_n_steps=2),
+        Recorder(),
+        CopyMemory(),
+    )
+    make_trainer(max_steps=6, limit_val_batches=0, logger=logger, callbacks=[monitor, memory]).fit(
+        model, tiny_loader()
+    )
+    rows = [row for row in logger.rows if "monitor/update_to_weight" in row]
+    assert (
+        len(rows) == 3 and len(memory.addresses) == 3 and len(set(memory.addresses)) == 1
+    )  # one copy, reused
+    assert monitor._weights_buffer is None  # released at fit end
+    names = [name for name, _ in model.named_parameters()]
+    for step, row in zip((1, 3, 5), rows):
+        before, after = model.snapshots[step - 1], model.snapshots[step]
+        update = torch.stack([(after[n] - before[n]).norm() for n in names]).norm()
+        weight = torch.stack([before[n].norm() for n in names]).norm()
+        assert row["monitor/update_to_weight"] == pytest.approx(float(update / weight), rel=1e-5)
+        for name in ("net.0.weight", "net.3.weight"):
+            value = after[name]
+            assert row[f"monitor/weight_mean/{name}"] == pytest.approx(float(value.mean()), abs=1e-6)
+            assert row[f"monitor/weight_std/{name}"] == pytest.approx(float(value.std()), rel=1e-5)
+            assert row[f"monitor/weight_max/{name}"] == pytest.approx(float(value.abs().max()), rel=1e-6)
 
 
 class Blowup(nn.Module):

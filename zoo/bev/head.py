@@ -179,7 +179,8 @@ class DetectionHead(nn.Module):
         results = []
         num_classes = logits.shape[-1]
         for sample_logits, sample_codes in zip(logits, codes):
-            scores = sample_logits.sigmoid().flatten()
+            # float32: a bf16 sigmoid keeps 3 significant digits and ties scores that top-k must tell apart
+            scores = sample_logits.float().sigmoid().flatten()
             k = min(max_detections, scores.numel())
             scores, index = scores.topk(k)
             labels, query = index % num_classes, index // num_classes
@@ -188,5 +189,5 @@ class DetectionHead(nn.Module):
             if post_center_range is not None:
                 r = torch.tensor(post_center_range, device=boxes.device)
                 keep &= ((boxes[:, :3] >= r[:3]) & (boxes[:, :3] <= r[3:])).all(-1)
-            results.append({"boxes": boxes[keep], "scores": scores[keep].float(), "labels": labels[keep]})
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results

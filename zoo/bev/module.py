@@ -38,6 +38,9 @@ class BEVFormerDetector(ZooModule):
         backbone_lr_scale: learning-rate factor of the image backbone (BEVFormer: 0.1 with pretrained weights).
         max_detections / score_threshold: decoding (top-k over query x class scores, then the threshold).
         class_ranges: per class evaluation radius (metres) of the metric; default nuScenes'.
+        compile: ``torch.compile`` the network (``self.model``) when a trainer sets the module up: ``true``, or a
+            dict of ``torch.compile`` options (``mode``, ``fullgraph``, ``dynamic``, ``backend``, ``options``);
+            checkpoints are the same as without it (``ZooModule.compile_network``).
     """
 
     sharding_units = (BEVEncoderLayer, DetectionDecoderLayer)
@@ -67,6 +70,7 @@ class BEVFormerDetector(ZooModule):
         max_detections: int = 100,
         score_threshold: float = 0.0,
         class_ranges: dict[str, float] | None = None,
+        compile: bool | dict = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:

@@ -71,6 +71,9 @@ class Autoencoder(ZooModule):
         discriminator: the PatchGAN and when it starts (``DiscriminatorConfig``).
         num_logged_images: originals and reconstructions shown on image loggers after validation.
         channels_last: NHWC convolutions: about 2-3x faster on CPU for these small-channel networks.
+        compile: ``torch.compile`` the encoder and decoder when a trainer sets the module up: ``true``, or a
+            dict of ``torch.compile`` options (``mode``, ``fullgraph``, ``dynamic``, ``backend``, ``options``);
+            checkpoints are the same as without it (``ZooModule.compile_network``).
         optimizer / disc_optimizer: optimizer callables (the configs use LDM's Adam with betas (0.5, 0.9));
             ``disc_optimizer`` defaults to ``optimizer``.
         lr_scheduler: optional, stepped with the autoencoder's optimizer.
@@ -94,6 +97,7 @@ class Autoencoder(ZooModule):
         discriminator: DiscriminatorConfig = DiscriminatorConfig(),
         num_logged_images: int = 8,
         channels_last: bool = True,
+        compile: bool | dict = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         disc_optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -115,6 +119,10 @@ class Autoencoder(ZooModule):
         if hp.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))
+
+    def compiled_networks(self) -> list[torch.nn.Module]:
+        """The encoder and decoder: training calls them through ``encode``/``decode``, never ``forward``."""
+        return [self.model.autoencoder.encoder, self.model.autoencoder.decoder]
 
     def configure_losses(self) -> None:
         """The loss parts, LPIPS, the log-variance and the PatchGAN."""

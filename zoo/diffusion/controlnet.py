@@ -77,6 +77,10 @@ class ControlNetDiffusion(LatentDiffusion):
         )
         self.controlnet.requires_grad_(True)
 
+    def compiled_networks(self) -> list[torch.nn.Module]:
+        """The ControlNet beside the frozen UNet: both run at every training step."""
+        return [self.model, self.controlnet]
+
     def control_image(self, batch: dict) -> torch.Tensor:
         threshold = 0.2 if self.hparams.control == "edges" else None
         return edge_map(batch["image"].to(self.device), threshold=threshold)

@@ -87,6 +87,9 @@ class MultitaskModule(ZooModule):
         num_beams: beams for validation/test/predict generation (1 = greedy).
         vocab_tokens / tokenizer: the vocabulary's tokens by id and how texts were split (linked from the
             data); predictions decode generated ids with them (ids are reported without them).
+        compile: ``torch.compile`` the network (``self.model``) when a trainer sets the module up: ``true``, or a
+            dict of ``torch.compile`` options (``mode``, ``fullgraph``, ``dynamic``, ``backend``, ``options``);
+            checkpoints are the same as without it (``ZooModule.compile_network``).
     """
 
     sharding_units = (EncoderLayer, DecoderLayer)
@@ -108,6 +111,7 @@ class MultitaskModule(ZooModule):
         num_beams: int = 1,
         vocab_tokens: list[str] | None = None,
         tokenizer: str = "char",
+        compile: bool | dict = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:

@@ -76,6 +76,9 @@ class ESM2Finetuner(OldSizeArguments, ZooModule):
         lora: a ``zoo.lora.LoRAConfig`` (``lora: {rank: 8, alpha: 16}`` in YAML) adds LoRA adapters (peft) on the
             attention projections and freezes the rest of the backbone; ``None`` trains the backbone.
         head_dropout: dropout before each layer of the head.
+        compile: ``torch.compile`` the network (``self.model``) when a trainer sets the module up: ``true``, or a
+            dict of ``torch.compile`` options (``mode``, ``fullgraph``, ``dynamic``, ``backend``, ``options``);
+            checkpoints are the same as without it (``ZooModule.compile_network``).
     """
 
     sharding_units = (ESM2Layer,)
@@ -91,6 +94,7 @@ class ESM2Finetuner(OldSizeArguments, ZooModule):
         freeze_backbone: bool = False,
         lora: LoRAConfig | None = None,
         head_dropout: float = 0.1,
+        compile: bool | dict = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:

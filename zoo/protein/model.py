@@ -234,7 +234,8 @@ class ContactPredictionHead(nn.Module):
         b, layers, heads, t, _ = attentions.shape
         attentions = attentions.reshape(b, layers * heads, t, t).to(self.regression.weight)
         features = apc(symmetrize(attentions)).permute(0, 2, 3, 1)
-        return torch.sigmoid(self.regression(features).squeeze(-1))
+        # float32 probabilities whatever the autocast dtype: records and metrics take them as they are
+        return torch.sigmoid(self.regression(features).squeeze(-1).float())
 
 
 class ESM2(nn.Module):

@@ -93,6 +93,9 @@ class ESM2MaskedLM(OldSizeArguments, ZooModule):
         mask_prob: share of residues chosen for the loss (15% in ESM-2).
         embedding_layer: layer whose residue mean ``predict`` returns (-1: the last, after its LayerNorm).
         predict_contacts: ``predict`` also returns each sequence's ``(L, L)`` contact map.
+        compile: ``torch.compile`` the network (``self.model``) when a trainer sets the module up: ``true``, or a
+            dict of ``torch.compile`` options (``mode``, ``fullgraph``, ``dynamic``, ``backend``, ``options``);
+            checkpoints are the same as without it (``ZooModule.compile_network``).
     """
 
     sharding_units = (ESM2Layer,)
@@ -106,6 +109,7 @@ class ESM2MaskedLM(OldSizeArguments, ZooModule):
         mask_prob: float = 0.15,
         embedding_layer: int = -1,
         predict_contacts: bool = False,
+        compile: bool | dict = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:

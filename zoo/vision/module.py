@@ -101,14 +101,14 @@ class ImageClassificationModule(ZooModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=True, batch_size=batch_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        logits = self(batch["image"]).float()  # bf16 under autocast: loss and metrics in float32
         loss = self.criterion(logits, batch["label"])
         self.log_loss("train", loss, len(logits))
         self.update_metrics("train", logits.detach(), batch["label"])
         return loss
 
     def evaluate(self, batch: dict, stage: str) -> torch.Tensor:
-        logits = self(batch["image"])
+        logits = self(batch["image"]).float()
         loss = self.eval_criterion(logits, batch["label"])
         self.log_loss(stage, loss, len(logits))
         self.update_metrics(stage, logits, batch["label"])
@@ -170,6 +170,9 @@ class ImageClassifier(ImageClassificationModule):
             (``zoo.vision.model.load_timm_weights``). Read when the model is built for a fresh fit only:
             checkpoints hold the weights, so their hyper-parameters drop the file (a served or resumed
             model does not need it).
+        compile: ``torch.compile`` the network (``self.model``) when a trainer sets the module up: ``true``, or a
+            dict of ``torch.compile`` options (``mode``, ``fullgraph``, ``dynamic``, ``backend``, ``options``);
+            checkpoints are the same as without it (``ZooModule.compile_network``).
     """
 
     def __init__(
@@ -188,6 +191,7 @@ class ImageClassifier(ImageClassificationModule):
         cutmix_alpha: float = 0.0,
         layer_decay: float | None = None,
         pretrained_file: str | None = None,
+        compile: bool | dict = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
@@ -294,7 +298,7 @@ class ImageClassifier(ImageClassificationModule):
         if not self._mixes(batch["label"]):
             return super().training_step(batch, batch_idx)
         images, soft_targets = self.mixup(batch["image"], batch["label"])
-        loss = self.soft_criterion(self(images), soft_targets)
+        loss = self.soft_criterion(self(images).float(), soft_targets)  # its log-softmax in float32
         self.log_loss("train", loss, len(images))
         return loss
 
@@ -317,6 +321,9 @@ class VisualPromptTuning(ImageClassificationModule):
         deep: prompts at every layer (VPT-deep) instead of the input only (VPT-shallow).
         prompt_dropout: dropout on the prompt tokens only.
         label_smoothing: for the training loss.
+        compile: ``torch.compile`` the network (``self.model``) when a trainer sets the module up: ``true``, or a
+            dict of ``torch.compile`` options (``mode``, ``fullgraph``, ``dynamic``, ``backend``, ``options``);
+            checkpoints are the same as without it (``ZooModule.compile_network``).
 
     Checkpoints written before ``model_name`` / ``model_kwargs`` (``backbone`` / ``backbone_kwargs``, the
     network under ``network.``) still load.
@@ -341,6 +348,7 @@ class VisualPromptTuning(ImageClassificationModule):
         deep: bool = False,
         prompt_dropout: float = 0.0,
         label_smoothing: float = 0.0,
+        compile: bool | dict = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
@@ -360,6 +368,8 @@ class VisualPromptTuning(ImageClassificationModule):
                 hp.model_name, hp.img_size, hp.patch_size, hp.model_kwargs, weights_file=hp.backbone_weights
             )
         self.model = prompted_backbone(backbone, hp.num_classes, hp.num_prompts, hp.deep, hp.prompt_dropout)
+        # the frozen blocks too: without units FSDP2 would leave the module whole and its prompts unsynchronised
+        self.sharding_units = timm_block_types(self.model)
 
     @property
     def backbone_from_file(self) -> bool:
