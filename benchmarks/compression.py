@@ -4,18 +4,25 @@ Stages, each scored on the embedded validation images (parameters, size on disk 
 dict, CPU latency at batch 1 and 32, accuracy):
 
 - ``float32``: the trained model (``--checkpoint``, or trained here with configs/vision/deit_tiny.yaml).
-- ``int8 dynamic``: every Linear quantized (``Quantization(mode="dynamic")``'s function).
+- ``int8 dynamic``: every Linear quantized (``Quantization(mode="dynamic")``'s function, torchao
+  ``Int8DynamicActivationInt8WeightConfig``), run eagerly and under ``torch.compile`` (inductor fuses the
+  activation quantization, int8 GEMM and rescale: torchao's CPU speed-up needs it), next to the old
+  ``torch.ao`` path (fbgemm kernels, eager) and a compiled float32 model, so each compiled row has its baseline.
 - ``pruned``: a third of the heads and half of the MLP units removed (L2 norm), no fine-tune.
 - ``pruned + fine-tune``: configs/compression/deit_tiny_compress.yaml run through the ``zoo`` CLI: the dense model
   is teacher and starting point, pruning, ``--finetune-epochs`` of distillation fine-tuning (its last.ckpt).
-- ``pipeline (+ int8)``: the same run's ``compressed.ckpt`` (int8 after fine-tuning), reloaded from disk.
+- ``pipeline (+ int8)``: the same run's ``compressed.ckpt`` (int8 after fine-tuning), reloaded from disk;
+  eager and compiled.
 - ``int4 GPTQ`` and ``k-means 16``: weight-only 4-bit GPTQ and 16-value weight sharing of the dense model
   (storage savings; both dequantize to float on CPU, so no speed-up is expected).
 
 Latencies are medians over ``--repeats`` calls, the models interleaved call by call so that load from other
-processes hits all of them alike; speed-ups are ratios to float32 from the same run.
+processes hits all of them alike; speed-ups are ratios to (eager) float32 from the same run. Compiled models
+are compiled (``torch.compile``, inductor, one graph per batch size) during the warm-up calls, outside the
+timings; ``compile_seconds`` in the JSON is their first batch-32 call.
 
-    python benchmarks/compression.py --checkpoint runs/dense/lightning_logs/version_0/checkpoints/last.ckpt
+    OMP_NUM_THREADS=1 python benchmarks/compression.py \
+        --checkpoint runs/dense/lightning_logs/version_0/checkpoints/last.ckpt
 
 Prints a table and writes ``benchmarks/results/compression.json``.
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import os
 import platform
@@ -153,7 +161,7 @@ def build_rows(models: dict[str, torch.nn.Module], val, batch1: dict, batch32: d
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'stage':28} {'params':>9} {'size MB':>8} {'size':>6} {'b1 ms':>7} {'b32 ms':>8} {'x b32':>6} {'acc':>7} {'drop':>6}"
+    header = f"{'stage':34} {'params':>9} {'size MB':>8} {'size':>6} {'b1 ms':>7} {'b32 ms':>8} {'x b32':>6} {'acc':>7} {'drop':>6}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -161,7 +169,7 @@ def print_table(rows: list[dict]) -> None:
         b32 = f"{r['latency_b32_ms']:8.1f}" if "latency_b32_ms" in r else f"{'-':>8}"
         x32 = f"{r['speedup_b32']:6.2f}" if "speedup_b32" in r else f"{'-':>6}"
         print(
-            f"{r['stage']:28} {r['parameters'] / 1e6:8.2f}M {r['size_bytes'] / 1e6:8.2f} {r['size_vs_float32']:6.1%}"
+            f"{r['stage']:34} {r['parameters'] / 1e6:8.2f}M {r['size_bytes'] / 1e6:8.2f} {r['size_vs_float32']:6.1%}"
             f" {b1} {b32} {x32} {r['val_accuracy']:7.2%} {r['accuracy_drop_points']:6.2f}"
         )
 
@@ -206,8 +214,10 @@ def main() -> None:
     val = data.val_dataloader()
 
     models: dict[str, torch.nn.Module] = {"float32": dense}
-    models["int8 dynamic"] = copy.deepcopy(dense)
-    quantize_dynamic_int8(models["int8 dynamic"], backend="torch.ao")
+    models["int8 dynamic (torch.ao, old)"] = copy.deepcopy(dense)
+    quantize_dynamic_int8(models["int8 dynamic (torch.ao, old)"], backend="torch.ao")
+    models["int8 dynamic (torchao)"] = copy.deepcopy(dense)
+    quantize_dynamic_int8(models["int8 dynamic (torchao)"])
     models["pruned (no fine-tune)"] = copy.deepcopy(dense)
     prune_transformer(models["pruned (no fine-tune)"], head_fraction=0.34, mlp_fraction=0.5, importance="l2")
 
@@ -229,6 +239,8 @@ def main() -> None:
         )
     models["pruned + fine-tune"] = load_compressed(fresh_model(hparams), last).eval()
     models["pipeline (+ int8)"] = load_compressed(fresh_model(hparams), compressed).eval()
+    for name in ("float32", "int8 dynamic (torchao)", "pipeline (+ int8)"):
+        models[f"{name} compiled"] = torch.compile(copy.deepcopy(models[name]))
     if not args.no_extras:
         calibration = [b["image"] for _, b in zip(range(4), data.train_dataloader())]
         models["int4 GPTQ (weight-only)"] = copy.deepcopy(dense)
@@ -236,8 +248,16 @@ def main() -> None:
         models["k-means 16 (no fine-tune)"] = copy.deepcopy(dense)
         share_weights(models["k-means 16 (no fine-tune)"], clusters=16)
 
-    progress("models ready; timing")
+    progress("models ready; compiling")
     torch.set_num_threads(args.threads)
+    compile_seconds = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            if name.endswith("compiled"):
+                start = time.perf_counter()
+                model(torch.randn(32, 3, 32, 32))
+                compile_seconds[name] = time.perf_counter() - start
+    progress("compiled; timing")
     timed = {k: v for k, v in models.items() if not k.startswith(("int4", "k-means"))}
     batch32 = latencies(timed, 32, args.repeats)
     batch1 = latencies(timed, 1, args.repeats * 3)
@@ -250,9 +270,11 @@ def main() -> None:
         "finetune_seconds": finetune_seconds,
         "compressed_checkpoint_bytes": os.path.getsize(compressed),
         "torch": torch.__version__,
+        "torchao": importlib.metadata.version("torchao"),
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "load_average_1min": os.getloadavg()[0],
+        "compile_seconds": compile_seconds,
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 ``pip install lightning-zoo`` brings what every family needs to train; these extras add the rest:
 
-- ``compression``: torchao (int8 quantization on CUDA) and torch-pruning (conv channel pruning);
+- ``compression``: torchao (int8 and int4 quantization) and torch-pruning (conv channel pruning);
 - ``distributed``: DeepSpeed (``configs/strategy/deepspeed_*.yaml``);
 - ``bev``: SciPy's Hungarian matching (BEVFormer's detection head);
 - ``hf``: transformers, for Hugging Face formats (ESM-2 folders, a local CLIP text encoder in latent diffusion);

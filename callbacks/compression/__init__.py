@@ -7,13 +7,19 @@ architecture change in the checkpoint (``zoo_compression``) so ``zoo validate --
   2017) over epochs or steps; Lightning's ``ModelPruning`` + ``torch.nn.utils.prune`` masks, made permanent.
 - ``StructuredPruning``: removes attention heads and MLP units of any zoo transformer, whole ViT blocks (by L1/L2/Taylor importance, Block
   Influence) and conv channels (``torch_pruning``), before fine-tuning.
-- ``Quantization``: int8 dynamic (``torch.ao`` on CPU, torchao on CUDA), static int8 calibrated on validation
-  batches, quantization-aware training, and GPTQ 4-bit weight-only Linear layers.
+- ``Quantization``: torchao int8 dynamic, static int8 calibrated on validation batches, quantization-aware
+  training, and GPTQ 4-bit weight-only Linear layers (torchao int4 tensors).
 - ``WeightSharing``: k-means codebooks per layer with centroid fine-tuning (Deep Compression).
 """
 
-from zoo.callbacks.compression.gptq import Int4Linear, gptq_quantize, quantize_int4_gptq, rtn_quantize
-from zoo.callbacks.compression.quantization import Quantization, quantize_dynamic_int8
+from zoo.callbacks.compression.gptq import (
+    Int4Linear,
+    TorchaoInt4Linear,
+    gptq_quantize,
+    quantize_int4_gptq,
+    rtn_quantize,
+)
+from zoo.callbacks.compression.quantization import Quantization, quantize_dynamic_int8, quantize_static_int8
 from zoo.callbacks.compression.records import load_compressed, replay, state_dict_bytes
 from zoo.callbacks.compression.structured import (
     StructuredPruning,
@@ -31,6 +37,7 @@ __all__ = [
     "MagnitudePruning",
     "Quantization",
     "StructuredPruning",
+    "TorchaoInt4Linear",
     "WeightSharing",
     "block_influence",
     "cubic_sparsity",
@@ -43,6 +50,7 @@ __all__ = [
     "prune_transformer",
     "quantize_dynamic_int8",
     "quantize_int4_gptq",
+    "quantize_static_int8",
     "replay",
     "rtn_quantize",
     "share_weights",

@@ -14,10 +14,17 @@ of the layer's reconstruction loss ``||X W^T - X Q^T||^2``, ``H = 2 X^T X / n`` 
    ``(w - q) / U[i, i]`` updates the block's remaining columns, and the block's errors update all later
    columns at once.
 
-torchao's int4 weight-only configs need CUDA (tinygemm) or a specific CPU packing with its C++ kernels; the
-result here is a portable :class:`Int4Linear`: packed 4-bit codes (two per byte), float16 scales and uint8
-zero points, dequantized in ``forward``. It cuts weight storage about 7x (group 64); on CPU it is a size win,
-not a speed win.
+Storage: torchao's ``Int4Tensor`` (plain packing: two signed 4-bit values per byte, per-group bfloat16 scales
+and zero points, ``w = q * scale + zero``, the layout of its int4 GPU kernels), built from GPTQ's own codes
+(not re-quantized: ``q = code - 8`` and ``zero = (8 - zero_point) * scale`` give the same grid) and held by
+:class:`TorchaoInt4Linear`. That tensor's matmul is a CUDA kernel of the ``mslk`` package (bfloat16
+activations); torchao 0.18 has no int4 weight-only CPU kernel: its other int4 layouts are CUDA-only too
+(tinygemm's tile packing, whose packing op itself runs on CUDA only) or XPU/NPU ones. So on CPU (or without
+``mslk``) the layer dequantizes its weight and runs a float matmul: a size win, not a speed win (about 6x
+smaller weights at group 64). The kernel path is not exercised by this repository's CPU tests.
+
+Checkpoints written before this storage (records without ``"format"``) hold :class:`Int4Linear` buffers
+(4-bit codes, float16 scales, uint8 zero points) and still load into that class.
 """
 
 from __future__ import annotations
@@ -31,7 +38,14 @@ from torch import Tensor, nn
 
 from zoo.callbacks.compression.records import add_record, register_replay
 
-__all__ = ["Int4Linear", "gptq_quantize", "quantize_int4_gptq", "rtn_quantize"]
+__all__ = [
+    "Int4Linear",
+    "TorchaoInt4Linear",
+    "gptq_quantize",
+    "int4_tensor",
+    "quantize_int4_gptq",
+    "rtn_quantize",
+]
 
 BITS = 4
 LEVELS = 2**BITS - 1
@@ -160,6 +174,77 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, group_size={self.group_size}"
 
 
+def int4_tensor(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int | None) -> Tensor:
+    """GPTQ's ``(codes, scales, zeros)`` as torchao's ``Int4Tensor``: ``(code - zero) * scale`` becomes
+    ``q * scale + zero'`` with signed ``q = code - 8`` and ``zero' = (8 - zero) * scale`` (bfloat16)."""
+    from torchao.quantization import Int4Tensor
+
+    rows, columns = codes.shape
+    g = _groups(columns, group_size)
+    if columns % 2 or columns % g:
+        raise ValueError(
+            f"torchao's int4 layout needs an even number of input features divisible by the group size; "
+            f"this layer has {columns} (group {g}): skip it"
+        )
+    signed = codes.to(torch.int8) - 8
+    packed = (signed[:, 0::2] & 0xF) | (signed[:, 1::2] << 4)
+    zero_points = (8 - zeros.float()) * scales.float()
+    return Int4Tensor(
+        qdata=packed.contiguous(),
+        scale=scales.float().t().contiguous().to(torch.bfloat16),
+        zero_point=zero_points.t().contiguous().to(torch.bfloat16),
+        block_size=[1, g],
+        shape=torch.Size([rows, columns]),
+        activation_dtype=torch.bfloat16,
+    )
+
+
+def dequantize_int4_tensor(weight: Tensor) -> Tensor:
+    """``q * scale + zero`` of an ``Int4Tensor`` in float32 (what the layer computes with off the GPU kernel)."""
+    low = (weight.qdata & 0xF).to(torch.int16)
+    low = low - 16 * (low >= 8)  # sign of the low nibble
+    high = (weight.qdata >> 4).to(torch.int16)  # arithmetic shift: already signed
+    q = torch.stack([low, high], dim=2).flatten(1)
+    g = weight.block_size[-1]
+    scale = weight.scale.float().t().repeat_interleave(g, dim=1)
+    zero = weight.zero_point.float().t().repeat_interleave(g, dim=1)
+    return q.float() * scale + zero
+
+
+def _gpu_kernel_available(x: Tensor) -> bool:
+    import importlib.util
+
+    return x.is_cuda and importlib.util.find_spec("mslk") is not None
+
+
+class TorchaoInt4Linear(nn.Module):
+    """A Linear whose weight is torchao's ``Int4Tensor`` (weight-only int4, per-group scales and zero points).
+
+    On CUDA with ``mslk`` installed, ``F.linear`` dispatches to torchao's int4 kernel (bfloat16 activations);
+    elsewhere the weight is dequantized to float32 for the call. Not an ``nn.Linear`` subclass, so int8
+    quantization passes (``isinstance(m, nn.Linear)``) leave it alone.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        from zoo.callbacks.compression.quantization import plain_state_dict
+
+        plain_state_dict(self)  # plain tensors in the state dict (Lightning's map_location)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _gpu_kernel_available(x):
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            return F.linear(x.to(torch.bfloat16), self.weight, bias).to(x.dtype)
+        return F.linear(x, dequantize_int4_tensor(self.weight).to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        g = self.weight.block_size[-1]
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, group_size={g}, torchao"
+
+
 def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attribute = name.rpartition(".")
     setattr(module.get_submodule(parent_name) if parent_name else module, attribute, new)
@@ -201,7 +286,8 @@ def quantize_int4_gptq(
     skip: tuple[str, ...] = (),
     percdamp: float = 0.01,
 ) -> dict:
-    """Replace every ``nn.Linear`` (not under ``skip``) by an :class:`Int4Linear` calibrated with GPTQ; in place."""
+    """Replace every ``nn.Linear`` (not under ``skip``) by a :class:`TorchaoInt4Linear` calibrated with GPTQ;
+    in place."""
     names = [
         n
         for n, m in module.named_modules()
@@ -209,6 +295,14 @@ def quantize_int4_gptq(
     ]
     if not names:
         raise ValueError("GPTQ found no nn.Linear layer to quantize")
+    for name in names:  # before the calibration pass: a layer torchao's layout cannot hold fails at once
+        linear = module.get_submodule(name)
+        g = _groups(linear.in_features, group_size)
+        if linear.in_features % 2 or linear.in_features % g:
+            raise ValueError(
+                f"layer {name!r} has {linear.in_features} input features, which torchao's int4 layout cannot "
+                f"split into groups of {g} (and pairs): skip it or choose another group_size"
+            )
     hessians = collect_hessians(module, names, inputs)
     for name in names:
         linear = module.get_submodule(name)
@@ -217,20 +311,29 @@ def quantize_int4_gptq(
                 f"layer {name!r} saw no calibration input; GPTQ needs every quantized layer to run"
             )
         codes, scales, zeros = gptq_quantize(linear.weight, hessians[name], group_size, percdamp=percdamp)
-        _replace(module, name, Int4Linear.from_codes(linear, codes, scales, zeros, group_size))
-    record = {"kind": "int4_gptq", "group_size": group_size, "layers": names}
+        _replace(module, name, TorchaoInt4Linear(int4_tensor(codes, scales, zeros, group_size), linear.bias))
+    record = {"kind": "int4_gptq", "format": "torchao", "group_size": group_size, "layers": names}
     add_record(module, record)
     return record
 
 
 @register_replay("int4_gptq")
 def _replay_int4(module: nn.Module, record: dict) -> None:
+    """Placeholder int4 layers of the recorded shapes (the state dict brings the codes, scales and zeros):
+    :class:`TorchaoInt4Linear`, or :class:`Int4Linear` for checkpoints written before (no ``"format"``)."""
+    g = record["group_size"]
     for name in record["layers"]:
         linear = module.get_submodule(name)
-        _replace(
-            module,
-            name,
-            Int4Linear(
-                linear.in_features, linear.out_features, linear.bias is not None, record["group_size"]
-            ),
-        )
+        if record.get("format") == "torchao":
+            shape = (linear.out_features, linear.in_features)
+            groups = _groups(linear.in_features, g)
+            placeholder = int4_tensor(
+                torch.zeros(shape, dtype=torch.uint8),
+                torch.ones(shape[0], linear.in_features // groups),
+                torch.zeros(shape[0], linear.in_features // groups),
+                g,
+            )
+            new = TorchaoInt4Linear(placeholder, linear.bias)
+        else:
+            new = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, g)
+        _replace(module, name, new)

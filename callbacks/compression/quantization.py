@@ -1,29 +1,34 @@
-"""Int8 quantization: post-training dynamic, static (calibrated) and quantization-aware training.
+"""Int8 quantization with torchao: post-training dynamic, static (calibrated) and quantization-aware training.
 
-Which library, and why (measured on this x86 CPU, torch 2.14.1, torchao 0.18.0, DeiT-Ti at batch 32):
+All three replace the weight of every ``nn.Linear`` (not under ``skip``) by a torchao ``Int8Tensor`` through
+``torchao.quantization.quantize_`` (torchao 0.18), so the model keeps its modules and its forward:
 
-- torchao's ``quantize_(model, Int8DynamicActivationInt8WeightConfig())`` runs on CPU and is accurate, but in
-  eager mode it is *no faster* than float32 (0.30 s vs 0.30 s per batch: its int8 matmuls are fast only under
-  ``torch.compile``/inductor or on CUDA). ``torch.ao.quantization.quantize_dynamic`` uses the fbgemm/x86 int8
-  GEMM kernels and ran the same model 2x faster. So ``backend="auto"`` uses torchao on CUDA and
-  ``torch.ao.quantization`` on CPU; ``backend`` picks one explicitly.
-- Static int8 and QAT use ``torch.ao.quantization`` eager mode (observers -> ``convert``; ``prepare_qat``
-  fake-quant modules), the stack whose converted modules run with CPU int8 kernels and save as a plain state
-  dict. torchao's replacements (pt2e ``prepare_pt2e``/``convert_pt2e``) need a ``torch.export`` graph of the
-  whole model, which Lightning modules with metric collections and data-dependent code paths do not give.
-  ``torch.ao.quantization`` is deprecated in favour of torchao but still ships with torch 2.14.1; its
-  deprecation warnings are expected.
+- dynamic: ``Int8DynamicActivationInt8WeightConfig()``: int8 weights per output channel, activations quantized
+  per token (symmetric int8) on every call. No data needed.
+- static: ``Int8StaticActivationInt8WeightConfig`` with one activation scale per layer, calibrated here as the
+  largest ``|x|`` the layer sees over the calibration batches (symmetric int8, per tensor; weights per channel).
+- QAT: ``QATConfig(step="prepare")`` swaps Linears for ``FakeQuantizedLinear`` (int8 per-token asymmetric
+  activations, int8 per-channel symmetric weights, fake-quantized in float so that training sees the rounding);
+  ``QATConfig(Int8DynamicActivationInt8WeightConfig(act_mapping_type=ASYMMETRIC), step="convert")`` then gives
+  the int8 model with the numerics it trained with. torchao 0.18's ``QATConfig`` cannot infer fake-quantization
+  from an int8 base config (only int4, float8 and intx ones), so both halves are spelled out.
 
-Each quantizable layer (``nn.Linear``; ``nn.Conv2d`` too for static/QAT) is wrapped as
-``QuantStub -> layer -> DeQuantStub``, so only the layers run in int8 and everything between them (LayerNorm,
-softmax, GELU, attention) stays float: this works for any model without rewriting its forward. Quantized
-modules are inference-only; the checkpoint records let ``zoo validate --ckpt_path`` rebuild them. The int8 CPU
-kernels have no deterministic implementation: evaluate them with ``Trainer(deterministic=False)``.
+Only ``nn.Linear`` layers are quantized (torchao's int8 configs are for linear layers); convolutions stay float.
+
+Speed on CPU: torchao's int8 matmul pays off under ``torch.compile`` (inductor fuses the activation
+quantization, the int8 GEMM and the rescale): eager it is slower than float32, compiled faster than the old
+``torch.ao`` fbgemm path (figures and command: README.md, Compression). Give the model family's
+``compile: true`` for CPU inference. ``set_inductor_config=False``: torchao would otherwise change inductor's
+process-wide settings (coordinate-descent tuning for GPU kernels) as a side effect of quantizing a model.
+
+Quantized tensors are inference-only; the checkpoint records let ``zoo validate --ckpt_path`` rebuild them
+(the state dict holds the ``Int8Tensor`` weights' plain tensors: :func:`plain_state_dict`). Checkpoints
+written by the earlier ``torch.ao.quantization`` path load through :mod:`zoo.callbacks.compression.legacy`.
 """
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +36,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from zoo.callbacks.compression import legacy
 from zoo.callbacks.compression.calibration import batch_inputs, calibration_batches
 from zoo.callbacks.compression.records import (
     add_record,
@@ -41,62 +47,106 @@ from zoo.callbacks.compression.records import (
 )
 from zoo.extras import require
 
-__all__ = ["QuantWrapper", "Quantization", "convert_static", "prepare_static", "quantize_dynamic_int8"]
+__all__ = [
+    "Quantization",
+    "convert_qat_int8",
+    "plain_state_dict",
+    "prepare_qat_int8",
+    "quantize_dynamic_int8",
+    "quantize_static_int8",
+]
 
 Backend = Literal["auto", "torch.ao", "torchao"]
 Mode = Literal["dynamic", "static", "qat", "int4_gptq"]
 
 
-def _quiet() -> warnings.catch_warnings:
-    manager = warnings.catch_warnings()
-    manager.__enter__()
-    warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.ao")
-    warnings.filterwarnings("ignore", message=".*must run observer before calling calculate_qparams.*")
-    return manager
+def _torchao():
+    return require("torchao.quantization", "compression", "int8 quantization (torchao)")
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == s or name.startswith(s + ".") for s in skip)
 
 
-def _resolve_backend(backend: Backend, module: nn.Module) -> str:
+def _linears(module: nn.Module, skip: tuple[str, ...]) -> list[str]:
+    return [n for n, m in module.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)]
+
+
+def _named(layers: list[str]) -> Callable[[nn.Module, str], bool]:
+    chosen = set(layers)
+    return lambda module, fqn: fqn in chosen
+
+
+def _resolve_backend(backend: Backend) -> str:
     if backend not in ("auto", "torch.ao", "torchao"):
         raise ValueError(f"quantization backend must be 'auto', 'torch.ao' or 'torchao', got {backend!r}")
-    if backend != "auto":
-        return backend
-    device = next(module.parameters()).device
-    return "torchao" if device.type == "cuda" else "torch.ao"
+    return "torchao" if backend == "auto" else backend
+
+
+# ------------------------------------------------------------------------------------- storage
+def plain_state_dict(module: nn.Module) -> None:
+    """Make every layer of ``module`` whose ``weight`` is a torchao tensor save plain tensors; idempotent.
+
+    A torchao weight (``Int8Tensor``, int4 tensors) pickles as a tensor subclass, and ``torch.load`` cannot
+    rebuild one under a callable ``map_location``, which is what Lightning's checkpoint loading passes
+    (``Trainer.validate(ckpt_path=...)`` would fail). So the state dict holds its inner tensors instead,
+    ``weight_qdata``, ``weight_scale``, ... (``__tensor_flatten__``), and loading rebuilds the torchao weight
+    from them and the layout of the replayed (already quantized) layer's own weight.
+    """
+    from torchao.utils import TorchAOBaseTensor
+
+    for layer in module.modules():
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, TorchAOBaseTensor) and not getattr(layer, "_zoo_plain_state", False):
+            layer.register_state_dict_post_hook(_flatten_weight)
+            layer.register_load_state_dict_pre_hook(_unflatten_weight)
+            layer._zoo_plain_state = True
+
+
+def _flatten_weight(layer: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+    weight = state.pop(prefix + "weight")
+    for name in weight.__tensor_flatten__()[0]:
+        state[f"{prefix}weight_{name}"] = getattr(weight, name)
+
+
+def _unflatten_weight(layer: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    current = layer.weight
+    names, attributes = current.__tensor_flatten__()
+    if prefix + "weight" in state or f"{prefix}weight_{names[0]}" not in state:
+        return  # a whole weight, or none: load_state_dict reports it as usual
+    inner = {name: state.pop(f"{prefix}weight_{name}") for name in names if f"{prefix}weight_{name}" in state}
+    state[prefix + "weight"] = type(current).__tensor_unflatten__(inner, attributes, current.shape, None)
+
+
+# --------------------------------------------------------------------------------------------- dynamic
+def dynamic_config(asymmetric: bool = False):
+    """torchao's dynamic int8 config (asymmetric activations: what QAT's fake quantization trains with)."""
+    torchao = _torchao()
+    mapping = torchao.MappingType.ASYMMETRIC if asymmetric else torchao.MappingType.SYMMETRIC
+    return torchao.Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping, set_inductor_config=False)
 
 
 def quantize_dynamic_int8(module: nn.Module, backend: Backend = "auto", skip: tuple[str, ...] = ()) -> dict:
-    """Int8 weights, per-batch int8 activations for every ``nn.Linear`` not under ``skip``; in place."""
+    """Int8 weights, per-call int8 activations for every ``nn.Linear`` not under ``skip``; in place.
+
+    ``backend="torch.ao"`` writes the pre-torchao format (:mod:`~zoo.callbacks.compression.legacy`), kept for
+    comparisons; ``auto`` and ``torchao`` use torchao.
+    """
     names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)]
     if not names:
         raise ValueError("dynamic quantization found no nn.Linear layer to quantize")
-    backend = _resolve_backend(backend, module)
-    record = {"kind": "int8_dynamic", "backend": backend, "layers": names}
+    record = {"kind": "int8_dynamic", "backend": _resolve_backend(backend), "layers": names}
     _apply_dynamic(module, record)
     add_record(module, record)
     return record
 
 
 def _apply_dynamic(module: nn.Module, record: dict) -> None:
-    layers = set(record["layers"])
-    if record["backend"] == "torchao":
-        torchao = require("torchao.quantization", "compression", "int8 quantization on CUDA (torchao)")
-        config = torchao.Int8DynamicActivationInt8WeightConfig()
-        torchao.quantize_(module, config, filter_fn=lambda m, fqn: fqn in layers)
-        return
-    manager = _quiet()
-    try:
-        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-
-        quantize_dynamic(
-            module, {n: default_dynamic_qconfig for n in layers}, dtype=torch.qint8, inplace=True
-        )
-    finally:
-        manager.__exit__(None, None, None)
+    if record["backend"] == "torch.ao":
+        legacy.quantize_dynamic(module, record["layers"])
+    else:
+        _torchao().quantize_(module, dynamic_config(), filter_fn=_named(record["layers"]))
+        plain_state_dict(module)
 
 
 @register_replay("int8_dynamic")
@@ -104,115 +154,145 @@ def _replay_dynamic(module: nn.Module, record: dict) -> None:
     _apply_dynamic(module, record)
 
 
-# --------------------------------------------------------------------------------- static and QAT
-class QuantWrapper(nn.Module):
-    """``quant -> layer -> dequant``: one layer computed in int8 inside a float model."""
+# ---------------------------------------------------------------------------------------------- static
+def calibrate_activation_ranges(
+    module: nn.Module, layers: list[str], inputs: list[Any]
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per layer: the largest ``|x|`` of its input over ``inputs`` and the input's number of dimensions."""
+    ranges: dict[str, tuple[torch.Tensor, int]] = {}
 
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        from torch.ao.quantization import DeQuantStub, QuantStub
+    def hook(name: str):
+        def fn(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach()
+            top, ndim = x.abs().amax().float(), x.ndim
+            if name in ranges:
+                if ranges[name][1] != ndim:
+                    raise ValueError(
+                        f"layer {name!r} saw {ranges[name][1]}-D and {ndim}-D inputs; static int8 keeps one "
+                        "activation scale shaped for one input rank: skip it"
+                    )
+                top = torch.maximum(top, ranges[name][0])
+            ranges[name] = (top, ndim)
 
-        self.quant, self.layer, self.dequant = QuantStub(), layer, DeQuantStub()
+        return fn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        if isinstance(self.layer, nn.Linear) and x.ndim > 2:  # quantized Linear takes 2-D input
-            return self.dequant(self.layer(self.quant(x.reshape(-1, shape[-1])))).reshape(*shape[:-1], -1)
-        return self.dequant(self.layer(self.quant(x)))
-
-
-def _wrap(module: nn.Module, names: list[str]) -> None:
-    for name in names:
-        parent_name, _, attribute = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attribute, QuantWrapper(getattr(parent, attribute)))
-
-
-def _quantizable(module: nn.Module, skip: tuple[str, ...]) -> list[str]:
-    return [
-        n
-        for n, m in module.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
-        and type(m) in (nn.Linear, nn.Conv2d)
-        and not _skipped(n, skip)
-    ]
+    handles = [module.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in ranges]
+    if missing:
+        raise RuntimeError(f"layers {missing} saw no calibration input; static int8 needs every layer to run")
+    return ranges
 
 
-def prepare_static(
-    module: nn.Module, qat: bool = False, skip: tuple[str, ...] = (), engine: str = "x86"
-) -> dict:
-    """Wrap every Linear/Conv2d and insert observers (``qat``: fake-quantization modules); in place.
+def _static_config(scale: torch.Tensor):
+    torchao = _torchao()
+    return torchao.Int8StaticActivationInt8WeightConfig(
+        act_quant_scale=scale, granularity=[torchao.PerTensor(), torchao.PerRow()], set_inductor_config=False
+    )
 
-    QAT's prepared model is trained and checkpointed, so its preparation is recorded (``int8_prepare``);
-    post-training preparation is not (calibration and :func:`convert_static` follow at once).
+
+def quantize_static_int8(module: nn.Module, inputs: list[Any], skip: tuple[str, ...] = ()) -> dict:
+    """Int8 weights and int8 activations with per-layer scales calibrated on ``inputs``; in place.
+
+    The scale is ``max |x| / 127.5`` (torchao's symmetric int8 grid), shaped ``(1,) * ndim`` because torchao
+    checks it against the activation's rank; the record keeps each rank so a replay can shape it again.
     """
-    names = _quantizable(module, skip)
+    names = _linears(module, skip)
     if not names:
-        raise ValueError("static quantization found no nn.Linear / nn.Conv2d layer to quantize")
-    record = {"kind": "int8_prepare", "qat": qat, "engine": engine, "layers": names}
-    _prepare(module, record)
-    if qat:
-        add_record(module, record)
+        raise ValueError("static quantization found no nn.Linear layer to quantize")
+    ranges = calibrate_activation_ranges(module, names, inputs)
+    eps = torch.finfo(torch.float32).eps
+    for name in names:
+        top, ndim = ranges[name]
+        scale = (top / 127.5).clamp(min=eps).reshape((1,) * ndim)
+        _torchao().quantize_(module, _static_config(scale), filter_fn=_named([name]))
+    plain_state_dict(module)
+    record = {
+        "kind": "int8_static",
+        "backend": "torchao",
+        "layers": names,
+        "input_dims": [ranges[name][1] for name in names],
+    }
+    add_record(module, record)
     return record
-
-
-def _prepare(module: nn.Module, record: dict) -> None:
-    from torch.ao.quantization import get_default_qat_qconfig, get_default_qconfig, prepare, prepare_qat
-
-    manager = _quiet()
-    try:
-        torch.backends.quantized.engine = record["engine"]
-        _wrap(module, record["layers"])
-        qconfig = (get_default_qat_qconfig if record["qat"] else get_default_qconfig)(record["engine"])
-        for name in record["layers"]:
-            module.get_submodule(name).qconfig = qconfig
-        if record["qat"]:
-            was_training = module.training
-            module.train()
-            prepare_qat(module, inplace=True)
-            module.train(was_training)
-        else:
-            prepare(module, inplace=True)
-    finally:
-        manager.__exit__(None, None, None)
-
-
-def _convert(module: nn.Module) -> None:
-    from torch.ao.quantization import convert
-
-    manager = _quiet()
-    try:
-        was_training = module.training
-        module.eval()
-        convert(module, inplace=True)
-        module.train(was_training)
-    finally:
-        manager.__exit__(None, None, None)
-
-
-def convert_static(module: nn.Module, prepared: dict) -> None:
-    """Observers/fake-quant -> int8 modules (after calibration or QAT), in place; records the change."""
-    _convert(module)
-    if prepared["qat"]:
-        add_record(module, {"kind": "int8_convert"})
-    else:
-        add_record(module, {**prepared, "kind": "int8_static"})
-
-
-@register_replay("int8_prepare")
-def _replay_prepare(module: nn.Module, record: dict) -> None:
-    _prepare(module, record)
-
-
-@register_replay("int8_convert")
-def _replay_convert(module: nn.Module, record: dict) -> None:
-    _convert(module)
 
 
 @register_replay("int8_static")
 def _replay_static(module: nn.Module, record: dict) -> None:
-    _prepare(module, record)  # uncalibrated observers: the state dict brings the scales and zero points
-    _convert(module)
+    if record.get("backend") != "torchao":  # written by torch.ao (no backend key)
+        legacy.prepare(module, record)  # uncalibrated observers: the state dict brings scales and zero points
+        legacy.convert(module)
+        return
+    for name, ndim in zip(record["layers"], record["input_dims"], strict=True):
+        placeholder = torch.ones((1,) * ndim)  # the state dict brings the calibrated scale
+        _torchao().quantize_(module, _static_config(placeholder), filter_fn=_named([name]))
+    plain_state_dict(module)
+
+
+# ------------------------------------------------------------------------------------------------- QAT
+def _qat_prepare_config():
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    return QATConfig(
+        activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
+        weight_config=IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True),
+        step="prepare",
+    )
+
+
+def prepare_qat_int8(module: nn.Module, skip: tuple[str, ...] = ()) -> dict:
+    """Swap every ``nn.Linear`` (not under ``skip``) for torchao's ``FakeQuantizedLinear``; in place, recorded.
+
+    The prepared model is trained and checkpointed (its state dict is the float one: the fake quantizers keep
+    no state), so the preparation is recorded for a resumed fit or a validation of a QAT checkpoint.
+    """
+    names = _linears(module, skip)
+    if not names:
+        raise ValueError("quantization-aware training found no nn.Linear layer to quantize")
+    record = {"kind": "int8_prepare", "backend": "torchao", "qat": True, "layers": names}
+    _prepare_qat(module, record)
+    add_record(module, record)
+    return record
+
+
+def _prepare_qat(module: nn.Module, record: dict) -> None:
+    _torchao().quantize_(module, _qat_prepare_config(), filter_fn=_named(record["layers"]))
+
+
+def convert_qat_int8(module: nn.Module) -> None:
+    """Fake-quantized Linears -> int8 (dynamic, asymmetric activations as trained); in place, recorded."""
+    _convert_qat(module)
+    add_record(module, {"kind": "int8_convert", "backend": "torchao"})
+
+
+def _convert_qat(module: nn.Module) -> None:
+    from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
+
+    config = QATConfig(dynamic_config(asymmetric=True), step="convert")
+    _torchao().quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
+    plain_state_dict(module)
+
+
+@register_replay("int8_prepare")
+def _replay_prepare(module: nn.Module, record: dict) -> None:
+    if record.get("backend") == "torchao":
+        _prepare_qat(module, record)
+    else:
+        legacy.prepare(module, record)
+
+
+@register_replay("int8_convert")
+def _replay_convert(module: nn.Module, record: dict) -> None:
+    if record.get("backend") == "torchao":
+        _convert_qat(module)
+    else:
+        legacy.convert(module)
 
 
 # --------------------------------------------------------------------------------------- the callback
@@ -224,11 +304,11 @@ class Quantization(Callback):
     """Quantize the model at the end of ``fit`` (or in ``validate``/``test`` for a float checkpoint).
 
     Modes:
-        - ``dynamic``: int8 weights and per-batch int8 activations for ``nn.Linear`` (no data needed).
-        - ``static``: int8 weights and activations with scales calibrated over ``calibration_batches``
-          validation batches (observers, then ``convert``).
-        - ``qat``: fake-quantization modules inserted in ``setup("fit")`` (before the optimizer is built),
-          trained through, converted to int8 at the end of fit.
+        - ``dynamic``: int8 weights and per-call int8 activations for ``nn.Linear`` (no data needed).
+        - ``static``: int8 weights and activations with one scale per layer calibrated over
+          ``calibration_batches`` validation batches.
+        - ``qat``: torchao's fake-quantized Linears inserted in ``setup("fit")`` (before the optimizer is
+          built), trained through, converted to int8 at the end of fit.
         - ``int4_gptq``: 4-bit weight-only ``nn.Linear`` with GPTQ calibration over validation batches
           (:mod:`zoo.callbacks.compression.gptq`).
 
@@ -238,7 +318,8 @@ class Quantization(Callback):
     quantization of an existing checkpoint). The fit's other checkpoints stay float (resumable).
 
     Args:
-        mode: see above. backend: ``auto``/``torch.ao``/``torchao`` (dynamic mode only; see module docstring).
+        mode: see above. backend: ``auto`` (= ``torchao``) or ``torch.ao`` (the deprecated pre-torchao path,
+            dynamic mode only, kept for comparisons).
         skip: module-name prefixes kept in float (e.g. ``["model.head"]``).
         calibration_batches: validation batches for ``static`` / ``int4_gptq``.
         group_size: GPTQ column group size (``int4_gptq``).
@@ -259,7 +340,7 @@ class Quantization(Callback):
     ) -> None:
         if mode not in ("dynamic", "static", "qat", "int4_gptq"):
             raise ValueError(f"quantization mode must be dynamic, static, qat or int4_gptq, got {mode!r}")
-        _resolve_backend(backend, nn.Linear(1, 1))
+        _resolve_backend(backend)
         self.mode, self.backend, self.skip = mode, backend, tuple(skip or ())
         self.calibration_batches, self.group_size = calibration_batches, group_size
         self.save_path, self.on_validation, self.input_key = save_path, on_validation, input_key
@@ -271,7 +352,7 @@ class Quantization(Callback):
         # compression in setup (StructuredPruning's records), not only on a model no callback has touched.
         quantized = _kinds(pl_module) & {"int8_prepare", *QUANTIZED_KINDS}
         if self.mode == "qat" and stage == "fit" and trainer.ckpt_path is None and not quantized:
-            prepare_static(pl_module, qat=True, skip=self.skip)
+            prepare_qat_int8(pl_module, skip=self.skip)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._quantized(pl_module):
@@ -302,7 +383,7 @@ class Quantization(Callback):
     def quantize(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pl_module.eval()
         if self.mode == "dynamic":
-            if _resolve_backend(self.backend, pl_module) == "torch.ao":
+            if _resolve_backend(self.backend) == "torch.ao":
                 pl_module.cpu()  # its int8 kernels are CPU kernels
             quantize_dynamic_int8(pl_module, self.backend, self.skip)
             return
@@ -310,8 +391,12 @@ class Quantization(Callback):
             prepared = [r for r in records_of(pl_module) if r["kind"] == "int8_prepare"]
             if not prepared:
                 raise RuntimeError("QAT converts a model prepared in setup('fit'); this one was not prepared")
-            pl_module.cpu()
-            convert_static(pl_module, prepared[-1])
+            if prepared[-1].get("backend") == "torchao":
+                convert_qat_int8(pl_module)
+            else:  # a fit resumed from a checkpoint prepared by torch.ao: finish it in that format
+                pl_module.cpu()
+                legacy.convert(pl_module)
+                add_record(pl_module, {"kind": "int8_convert"})
             return
         batches = calibration_batches(trainer, pl_module, "val", self.calibration_batches)
         inputs = [batch_inputs(b, self.input_key) for b in batches]
@@ -320,12 +405,7 @@ class Quantization(Callback):
 
             quantize_int4_gptq(pl_module, inputs, group_size=self.group_size, skip=self.skip)
             return
-        pl_module.cpu()
-        record = prepare_static(pl_module, qat=False, skip=self.skip)
-        with torch.no_grad():
-            for x in inputs:
-                pl_module(x.cpu())
-        convert_static(pl_module, record)
+        quantize_static_int8(pl_module, inputs, skip=self.skip)
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]

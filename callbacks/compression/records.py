@@ -138,16 +138,18 @@ def load_compressed(module: nn.Module, checkpoint: str | Path | dict) -> nn.Modu
 
 
 def size_observers_like(module: nn.Module, state: dict[str, Any]) -> None:
-    """Give the buffers of replayed observers and fake-quantizers (QAT) the shapes they have in ``state``.
+    """Give the buffers of replayed ``torch.ao`` observers and fake-quantizers the shapes they have in ``state``.
 
     Their statistics are sized by what they observed: a per-channel observer's ``min_val`` is empty and a
     fake-quantizer's ``scale`` one element until the first batch. PyTorch resizes them when the state dict
     loads, but the zoo's check of a checkpoint against the model (``zoo.checkpointing``) compares shapes
     first, so a QAT fit resumed from its checkpoint would be refused.
     """
-    from torch.ao.quantization import FakeQuantizeBase
-    from torch.ao.quantization.observer import ObserverBase
-
+    try:  # only checkpoints of the pre-torchao path (legacy.py) hold observers
+        from torch.ao.quantization import FakeQuantizeBase
+        from torch.ao.quantization.observer import ObserverBase
+    except ImportError:
+        return
     for name, child in module.named_modules():
         if not isinstance(child, (ObserverBase, FakeQuantizeBase)):
             continue

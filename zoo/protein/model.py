@@ -339,8 +339,10 @@ class ESM2(nn.Module):
         need_weights = need_head_weights or return_contacts
         padding_mask = tokens.eq(self.padding_idx)
         x = self.embed(tokens, padding_mask)
-        # An exported graph cannot branch on the data: it always masks (an all-True mask changes nothing).
-        has_pads = torch.compiler.is_exporting() or bool(padding_mask.any())
+        # An exported or compiled graph does not branch on the data (a graph break in every forward): it always
+        # masks, and an all-True mask changes nothing.
+        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        has_pads = traced or bool(padding_mask.any())
         key_mask = (~padding_mask)[:, None, None, :] if has_pads else None
 
         repr_layers = set(repr_layers)

@@ -83,7 +83,8 @@ class ImageClassificationModule(ZooModule):
     def export_graphs(self) -> list:
         """One graph, ``classifier``: ``image`` (dynamic batch, fixed ``img_size``) -> ``logits``, the network
         ``forward`` calls (for a distilled DeiT in eval mode, the mean of both heads, as ``predict_step``).
-        Dynamic int8 layers are exported as ``zoo.vision.export.DynamicInt8Linear``."""
+        int8 layers are exported as ``zoo.vision.export.TorchaoInt8Linear`` (``DynamicInt8Linear`` for
+        checkpoints quantized with ``torch.ao``)."""
         from zoo.vision.export import classifier_graph
 
         return [classifier_graph(self.model, self.example_inputs)]
