@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.trainer.states import RunningStage
 
-from zoo.callbacks import load_compressed
+from zoo.callbacks import ThroughputMonitor, load_compressed
 from zoo.cli import ZooCLI, expand_overlays, linked_model_arguments
 from zoo.datamodules import ImageClassificationDataModule
 from zoo.predict import load_records
@@ -41,6 +42,8 @@ def test_every_config_runs_and_its_checkpoint_reloads(config, tmp_path):
     cli = run_cli("fit", "--config", str(config), "--trainer.fast_dev_run=true", root=tmp_path)
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, ThroughputMonitor)]
+    assert monitor.flops[RunningStage.TRAINING] > 0  # counted on the real batch, for every family
     checkpoint = tmp_path / "reload.ckpt"
     cli.trainer.save_checkpoint(checkpoint)
     if config.parent.name == "compression":  # the records rebuild the compressed architecture first

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
@@ -39,7 +39,7 @@ from zoo.checkpointing import CheckpointError, load_checkpoint_file
 from zoo.errors import MissingFileError
 from zoo.loggers import ResumableCSVLogger
 from zoo.predict import RecordPredictionWriter
-from zoo.progress import ZooProgressBar, fit_summary
+from zoo.progress import ZooModelSummary, ZooProgressBar, fit_summary
 from zoo.registry import import_class, import_named_classes, resolve_config
 from zoo.resume import ResumeCheckpoint, ResumeState, find_last_checkpoint
 from zoo.threads import choose_threads
@@ -233,6 +233,10 @@ class ZooCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in configured
         ):
             callbacks = [*callbacks, ZooProgressBar()]
+        if config.get("enable_model_summary", True) is not False and not any(
+            isinstance(c, ModelSummary) for c in configured
+        ):
+            callbacks = [*callbacks, ZooModelSummary()]
         ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
         run = _run_folder(ckpt_path)
         if self.subcommand == "fit":
@@ -279,8 +283,11 @@ def _default_logger(
 
 
 def _fit_callbacks(config: dict, configured: list, resume: ResumeCheckpoint) -> list:
-    """What every fit needs to resume exactly, unless checkpointing is off or the config added its own."""
-    added = []
+    """What every fit adds unless the config has its own: throughput and MFU (``zoo.callbacks``), and, unless
+    checkpointing is off, what resuming exactly needs."""
+    from zoo.callbacks.throughput import ThroughputMonitor
+
+    added = [] if any(isinstance(c, ThroughputMonitor) for c in configured) else [ThroughputMonitor()]
     if config.get("enable_checkpointing") is False:
         return added
     if not any(isinstance(c, ResumeCheckpoint) for c in configured):
