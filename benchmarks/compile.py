@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import platform
@@ -56,15 +55,9 @@ def build(config: str, overrides: list[str]):
 
 
 def compiled_twin(module, config: str, overrides: list[str], options: dict):
-    """The same module built again with ``compile`` (``--model.init_args.compile``) and ``module``'s weights. A class
-    without the argument yet gets the hyper-parameter set by hand: ``compile_network`` reads it from there."""
-    takes_compile = "compile" in inspect.signature(type(module)).parameters
-    extra = [f"--model.init_args.compile={json.dumps(options)}"] if takes_compile else []
-    twin, _ = build(config, [*overrides, *extra])
+    """The same module built again with ``compile`` (``--model.init_args.compile``) and ``module``'s weights."""
+    twin, _ = build(config, [*overrides, f"--model.init_args.compile={json.dumps(options)}"])
     twin.load_state_dict(module.state_dict())
-    if not takes_compile:
-        print(f"  ({type(module).__name__} takes no `compile` argument yet: set as a hyper-parameter)")
-        twin.hparams["compile"] = options
     twin.compile_network()  # what configure_model calls under a trainer
     return twin
 
