@@ -303,6 +303,10 @@ class CaptionedImageDataModule(SplitDataModule):
         bucket_step: side granularity of the buckets; a multiple of the model's total downsampling
             (autoencoder factor x denoiser's) so each latent divides evenly.
         max_aspect_ratio: the most elongated bucket, either way.
+        crop_scales: embedded shapes only: each training image is its scene rendered at ``img_size * s``
+            for an ``s`` drawn from this list (its original size; 1 = uncropped) and cropped to ``img_size``
+            at a random position; batches then carry ``original_size`` and ``crop_top_left`` (B, 2), what
+            SDXL-style micro-conditioning reads (``zoo.datamodules.crops``). Validation stays uncropped.
     """
 
     #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
@@ -331,11 +335,14 @@ class CaptionedImageDataModule(SplitDataModule):
         resolution_buckets: bool = False,
         bucket_step: int = 8,
         max_aspect_ratio: float = 2.0,
+        crop_scales: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if resolution_buckets and data_dir is None:
             raise ValueError("resolution_buckets needs data_dir: the embedded shapes are all square")
+        if crop_scales and data_dir is not None:
+            raise ValueError("crop_scales renders the embedded shapes larger: it needs data_dir=None")
         self.data_dir = data_dir
         self.img_size = img_size
         self.batch_size = batch_size
@@ -381,7 +388,14 @@ class CaptionedImageDataModule(SplitDataModule):
         hp = self.hparams
         if self._folder is None:
             common = {"seed": hp.seed, "img_size": self.img_size, "noise": hp.noise}
-            self.train_set = CaptionedShapesDataset(hp.train_size, split="train", **common)
+            if hp.crop_scales:
+                from zoo.datamodules.crops import RandomCropShapes
+
+                self.train_set = RandomCropShapes(
+                    hp.train_size, split="train", scales=hp.crop_scales, **common
+                )
+            else:
+                self.train_set = CaptionedShapesDataset(hp.train_size, split="train", **common)
             self.val_set = CaptionedShapesDataset(hp.val_size, split="val", **common)
             self.test_set = CaptionedShapesDataset(hp.test_size, split="test", **common)
             if hp.random_flip:
@@ -405,6 +419,9 @@ class CaptionedImageDataModule(SplitDataModule):
             "caption": [i["caption"] for i in items],
             "index": torch.tensor([i["index"] for i in items]),
         }
+        if all("original_size" in i for i in items):  # random crops: the micro-conditions
+            batch["original_size"] = torch.tensor([i["original_size"] for i in items])
+            batch["crop_top_left"] = torch.tensor([i["crop_top_left"] for i in items])
         return batch
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:

@@ -102,6 +102,14 @@ def _upgrade_latent_diffusion(old: dict) -> dict:
         "samples_per_prompt": hp.pop("samples_per_prompt", 4),
         "seed": hp.pop("seed", 0),
     }
+    from dataclasses import fields
+
+    from zoo.diffusion.sampling import SamplingConfig
+    from zoo.diffusion.schedules import DiffusionObjective
+
+    for part, cls in (("objective", DiffusionObjective), ("sampling", SamplingConfig)):
+        # fields the parts gained later (timestep_range, crop_top_left, ...), where a flat checkpoint has them
+        new[part].update({f.name: hp.pop(f.name) for f in fields(cls) if f.name in hp})
     rank, alpha, targets = hp.pop("lora_rank", 0), hp.pop("lora_alpha", None), hp.pop("lora_targets", None)
     new["lora"] = {"rank": rank, "alpha": alpha, "dropout": 0.0, "targets": targets} if rank else None
     new.update(hp)  # the rest kept its name: base_checkpoint, inpainting, ..., and ControlNet's arguments

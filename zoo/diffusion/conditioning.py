@@ -47,6 +47,7 @@ class Conditioning:
     context: torch.Tensor | None = None  # (B, L, D) cross-attention tokens
     context_mask: torch.Tensor | None = None  # (B, L), 1 = attend
     class_labels: torch.Tensor | None = None  # (B,) with the null class for "unconditional"
+    time_ids: torch.Tensor | None = None  # (B, n) micro-conditions (``zoo.diffusion.micro_conditioning``)
 
     def cat(self, other: Conditioning) -> Conditioning:
         """Both conditionings in one batch (``self`` first): how guidance runs cond and uncond together."""
@@ -58,6 +59,7 @@ class Conditioning:
             join(self.context, other.context),
             join(self.context_mask, other.context_mask),
             join(self.class_labels, other.class_labels),
+            join(self.time_ids, other.time_ids),
         )
 
     def repeat(self, n: int) -> Conditioning:
@@ -69,6 +71,7 @@ class Conditioning:
             context=rep(self.context),
             context_mask=rep(self.context_mask),
             class_labels=rep(self.class_labels),
+            time_ids=rep(self.time_ids),
         )
 
 

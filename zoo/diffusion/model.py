@@ -302,13 +302,22 @@ def denoise(
     context_mask: torch.Tensor | None = None,
     down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
     mid_block_additional_residual: torch.Tensor | None = None,
+    time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The prediction of a UNet (cross-attention ``context``, class embedding, ControlNet residuals) or DiT
-    (``class_labels`` only) for a batch of noisy latents."""
+    """The prediction of a UNet (cross-attention ``context``, class embedding, ControlNet residuals, SDXL
+    micro-conditions ``time_ids``) or DiT (``class_labels`` only) for a batch of noisy latents.
+
+    ``time_ids`` go through the UNet's ``text_time`` added embedding with an empty pooled text embedding
+    (``zoo.diffusion.micro_conditioning``)."""
     if timesteps.ndim == 0:
         timesteps = timesteps.expand(sample.shape[0])
     if isinstance(model, DiTTransformer2DModel):
+        if time_ids is not None:
+            raise ValueError("diffusers' DiT takes no micro-conditions (time_ids): use the UNet")
         return model(sample, timestep=timesteps, class_labels=class_labels).sample
+    added = None
+    if time_ids is not None:
+        added = {"text_embeds": time_ids.new_zeros(time_ids.shape[0], 0), "time_ids": time_ids}
     return model(
         sample,
         timesteps,
@@ -317,6 +326,7 @@ def denoise(
         encoder_attention_mask=context_mask,
         down_block_additional_residuals=down_block_additional_residuals,
         mid_block_additional_residual=mid_block_additional_residual,
+        added_cond_kwargs=added,
     ).sample
 
 

@@ -14,7 +14,13 @@ The module is assembled from parts, each one constructor argument that YAML swap
   min-SNR-gamma, noise offset; ``zoo.diffusion.schedules``);
 - the sampling defaults: ``SamplingConfig`` (DDPM / DDIM / DPM-Solver++, steps, guidance, negative prompt;
   the one loop in ``zoo.diffusion.sampling`` also does img2img and inpainting);
-- LoRA: ``LoRAConfig`` or ``None`` (``zoo.lora``).
+- LoRA: ``LoRAConfig`` or ``None`` (``zoo.lora``);
+- SDXL's micro-conditioning on original size and crop: ``MicroConditioning`` or ``None``
+  (``zoo.diffusion.micro_conditioning``).
+
+A refiner is a ``LatentDiffusion`` whose objective trains only the low-noise end of the schedule
+(``DiffusionObjective.timestep_range``); ``refiner_checkpoint`` makes ``predict_step`` hand each sample over
+to it (``zoo.diffusion.refiner``).
 
 Optional spatial conditioning by concatenation (inpainting: a mask and the masked image's latents),
 gradient checkpointing and a latent cache are flags. EMA is the ``zoo.callbacks.EMA`` callback; mixed
@@ -48,6 +54,7 @@ from zoo.diffusion.conditioning import (
     ConditioningConfig,
 )
 from zoo.diffusion.images import make_grid, to_pil, to_unit_range
+from zoo.diffusion.micro_conditioning import MicroConditioning
 from zoo.diffusion.model import (
     DENOISERS,
     IdentityFirstStage,
@@ -261,6 +268,13 @@ class LatentDiffusion(ZooModule):
         cache_latents: encode each training image once and keep its latent (CPU memory, keyed by the
             batch's ``index``): the frozen encoder then costs nothing after the first epoch. Only for
             data without random augmentation (refused with ``random_flip``).
+        compile: ``torch.compile`` the denoiser (``self.model``) when a trainer sets the module up: ``true``, or a
+            dict of ``torch.compile`` options (``mode``, ``fullgraph``, ``dynamic``, ``backend``, ``options``);
+            checkpoints are the same as without it (``ZooModule.compile_network``).
+        micro_conditioning: condition the UNet on each image's original size and crop (SDXL; the data's
+            ``crop_scales``), ``MicroConditioning``; sampling defaults to "uncropped, full size".
+        refiner_checkpoint: a ``LatentDiffusion`` checkpoint trained on the low-noise end of the schedule;
+            ``zoo predict`` then denoises to ``sampling.denoising_end`` with this model and the rest with it.
     """
 
     replicated_modules = ("first_stage",)  # frozen, and encode/decode run outside forward
@@ -271,6 +285,7 @@ class LatentDiffusion(ZooModule):
         "objective": DiffusionObjective,
         "sampling": SamplingConfig,
         "lora": LoRAConfig,
+        "micro_conditioning": MicroConditioning,
     }
 
     @classmethod
@@ -297,6 +312,9 @@ class LatentDiffusion(ZooModule):
         inpainting: bool = False,
         gradient_checkpointing: bool = False,
         cache_latents: bool = False,
+        compile: bool | dict = False,
+        micro_conditioning: MicroConditioning | None = None,
+        refiner_checkpoint: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
@@ -307,6 +325,11 @@ class LatentDiffusion(ZooModule):
         objective = plain_part(objective, DiffusionObjective)
         sampling = plain_part(sampling, SamplingConfig)
         lora = plain_part(lora, LoRAConfig)
+        micro_conditioning = plain_part(micro_conditioning, MicroConditioning)
+        if micro_conditioning is not None and model_name != "unet":
+            raise ValueError(
+                f"micro_conditioning needs model_name='unet' (diffusers' added time embedding), got {model_name!r}"
+            )
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
 
     # ------------------------------------------------------------- set-up
@@ -316,6 +339,8 @@ class LatentDiffusion(ZooModule):
         self.objective = resolve_part(hp.objective, DiffusionObjective)
         self.sampling = resolve_part(hp.sampling, SamplingConfig)
         self.lora = resolve_part(hp.lora, LoRAConfig)
+        self.micro = resolve_part(hp.get("micro_conditioning"), MicroConditioning)
+        self._refiner: list[LatentDiffusion] = []  # loaded on first use, not a submodule: not checkpointed
         self.first_stage = load_first_stage(hp.autoencoder)
         factor = self.first_stage.downsample_factor
         if hp.img_size % factor:
@@ -335,7 +360,7 @@ class LatentDiffusion(ZooModule):
             out_channels=self.latent_channels,
             context_dim=self.conditioner.dim,
             num_classes=self.conditioner.num_classes,
-            model_kwargs=hp.model_kwargs,
+            model_kwargs={**(hp.model_kwargs or {}), **(self.micro.unet_kwargs() if self.micro else {})},
         )
         if hp.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
@@ -350,6 +375,14 @@ class LatentDiffusion(ZooModule):
             add_lora(self.model, self.lora)
         self.first_stage.requires_grad_(False)
         self._latent_cache: dict[int, torch.Tensor] = {}
+
+    def sharded_submodules(self) -> list[nn.Module]:
+        """diffusers' DiT runs its first block's timestep and class embedding again, outside that block, for the
+        final layer's modulation: under FSDP2 that embedding is a unit of its own, gathered for that call."""
+        units = super().sharded_submodules()
+        if self.hparams.model_name == "dit":
+            units.insert(0, self.model.transformer_blocks[0].norm1.emb)
+        return units
 
     def load_base_checkpoint(self, path: str) -> None:
         """Weights (denoiser, conditioner, scale factor, first stage) of a ``LatentDiffusion`` checkpoint."""
@@ -377,8 +410,13 @@ class LatentDiffusion(ZooModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         datamodule = getattr(self.trainer, "datamodule", None)
-        if self.hparams.cache_latents and getattr(getattr(datamodule, "hparams", None), "random_flip", False):
+        data_hparams = getattr(datamodule, "hparams", None)
+        if self.hparams.cache_latents and getattr(data_hparams, "random_flip", False):
             raise ValueError("cache_latents needs unaugmented data: the data module has random_flip=True")
+        if self.hparams.cache_latents and getattr(data_hparams, "crop_scales", None):
+            raise ValueError(
+                "cache_latents needs unaugmented data: the data module has random crops (crop_scales)"
+            )
         bucketed = getattr(getattr(datamodule, "hparams", None), "resolution_buckets", False)
         if bucketed and self.hparams.model_name == "dit":
             raise ValueError(
@@ -452,7 +490,14 @@ class LatentDiffusion(ZooModule):
         drop = None
         if dropout > 0:
             drop = (torch.rand(n, generator=generator) < dropout).to(self.device)
-        return self.conditioner.from_batch(batch, drop)
+        cond = self.conditioner.from_batch(batch, drop)
+        if self.micro is not None:
+            cond.time_ids = self.micro.from_batch(batch, self._target_size, self.device)
+        return cond
+
+    @property
+    def _target_size(self) -> tuple[int, int]:
+        return (self.hparams.img_size, self.hparams.img_size)
 
     def forward(
         self,
@@ -462,16 +507,26 @@ class LatentDiffusion(ZooModule):
         class_labels: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         control: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The denoiser's prediction (noise or v), from tensors only (what tracing and export see).
 
         ``noisy_latents`` is the denoiser's whole input (for an inpainting model: with the mask and the masked
         image's latents concatenated); ``context`` / ``class_labels`` / ``context_mask`` are a ``Conditioning``'s
-        fields; ``control`` is a ControlNet's conditioning image (only ``ControlNetDiffusion`` takes one).
+        fields; ``control`` is a ControlNet's conditioning image (only ``ControlNetDiffusion`` takes one);
+        ``time_ids`` a micro-conditioned model's size and crop ids, "uncropped, full size" when not given.
         """
         if control is not None:
             raise ValueError("control images need a ControlNetDiffusion model")
-        return denoise(self.model, noisy_latents, timesteps, context, class_labels, context_mask)
+        if self.micro is not None and time_ids is None:
+            time_ids = self.micro.time_ids(
+                noisy_latents.shape[0], self._target_size, device=noisy_latents.device
+            )
+        elif self.micro is None and time_ids is not None:
+            raise ValueError("time_ids need a model with micro_conditioning")
+        return denoise(
+            self.model, noisy_latents, timesteps, context, class_labels, context_mask, time_ids=time_ids
+        )
 
     def predict(
         self,
@@ -484,7 +539,10 @@ class LatentDiffusion(ZooModule):
         """``forward`` for a ``Conditioning``, with the inpainting channels ``concat`` appended to the latents."""
         if concat is not None:
             noisy_latents = torch.cat([noisy_latents, concat], dim=1)
-        return self(noisy_latents, timesteps, cond.context, cond.class_labels, cond.context_mask, control)
+        micro = {} if cond.time_ids is None else {"time_ids": cond.time_ids}
+        return self(
+            noisy_latents, timesteps, cond.context, cond.class_labels, cond.context_mask, control, **micro
+        )
 
     def example_inputs(self, batch_size: int = 2) -> tuple[torch.Tensor | None, ...]:
         """Noisy latents, timesteps and the null condition's tensors (``None`` where the conditioning has none)."""
@@ -596,19 +654,39 @@ class LatentDiffusion(ZooModule):
         strength: float = 0.8,
         masks: torch.Tensor | None = None,
         control_images: torch.Tensor | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "image",
     ) -> torch.Tensor:
         """Images in [-1, 1], one per label / caption (or ``num_samples`` unconditional ones).
 
         Unset sampling arguments take the ``sampling`` part's values. ``init_images`` with ``strength`` < 1
         is img2img; ``init_images`` with ``masks`` (1 = fill) is inpainting; ``control_images`` drive a
-        ControlNet. The same arguments and seed give the same images.
+        ControlNet. ``original_size`` / ``crop_top_left`` are a micro-conditioned model's (default: the
+        ``sampling`` part's, "uncropped, full size"). ``denoising_end`` stops at that fraction of the schedule
+        (``output_type="latent"`` returns the still-noisy latents); ``denoising_start`` continues such
+        ``latents`` (SDXL's base/refiner hand-over, ``zoo.diffusion.refiner``). The same arguments and seed
+        give the same images.
         """
+        if output_type not in ("image", "latent"):
+            raise ValueError(f"output_type must be 'image' or 'latent', got {output_type!r}")
         defaults = self.sampling
         n = len(labels) if labels is not None else len(captions) if captions is not None else num_samples
         if not n:
             raise ValueError("give labels, captions or num_samples")
         negative = negative_captions or [defaults.negative_prompt] * n
         cond, uncond = self.conditioner.guidance_pair(labels, captions, negative, n, self.device)
+        if self.micro is not None:
+            size = original_size or defaults.original_size
+            crop = crop_top_left or defaults.crop_top_left or (0, 0)
+            cond.time_ids = uncond.time_ids = self.micro.time_ids(
+                n, self._target_size, size, crop, self.device
+            )
+        elif original_size is not None or crop_top_left is not None:
+            raise ValueError("original_size / crop_top_left need a model with micro_conditioning")
         scheduler = build_sampler(sampler or defaults.sampler, self.noise_scheduler)
         generator = torch.Generator().manual_seed(defaults.seed if seed is None else seed)
         shape = (n, self.latent_channels, self.latent_size, self.latent_size)
@@ -616,6 +694,12 @@ class LatentDiffusion(ZooModule):
         if init_images is not None:
             init_images = init_images.to(self.device)
             init_latents = self.encode(init_images)
+        if latents is not None:
+            if denoising_start is None:
+                raise ValueError(
+                    "latents are continued from denoising_start: give it (init_images for img2img)"
+                )
+            init_latents = latents.to(self.device)
         if masks is not None:
             if init_images is None:
                 raise ValueError("inpainting needs init_images as well as masks")
@@ -636,7 +720,7 @@ class LatentDiffusion(ZooModule):
             uncond,
             defaults.guidance_scale if guidance_scale is None else guidance_scale,
         )
-        latents = sample(
+        out = sample(
             model_fn,
             scheduler,
             shape,
@@ -648,8 +732,10 @@ class LatentDiffusion(ZooModule):
             strength=strength if masks is None else 1.0,
             mask=mask_small,
             known_latents=known,
+            denoising_start=denoising_start,
+            denoising_end=denoising_end,
         )
-        return self.decode(latents)
+        return out if output_type == "latent" else self.decode(out)
 
     def samples_for_batch(self, batch: dict, n: int) -> torch.Tensor:
         """``n`` samples conditioned like the first ``n`` items of a data batch (for logging)."""
@@ -658,6 +744,25 @@ class LatentDiffusion(ZooModule):
             **self.conditioner.prompts(items),
             num_samples=len(items["image"]),
             control_images=self.control_image(items),
+        )
+
+    def refiner(self) -> LatentDiffusion | None:
+        """The ``refiner_checkpoint`` model (its EMA weights where it has them), loaded on first use."""
+        if self.hparams.get("refiner_checkpoint") and not self._refiner:
+            from zoo.diffusion.refiner import load_refiner
+
+            self._refiner.append(load_refiner(self.hparams.refiner_checkpoint))
+        return self._refiner[0].to(self.device) if self._refiner else None
+
+    def _sample_prompt(self, conditions: dict, n: int, seed: int) -> torch.Tensor:
+        """``n`` samples of one prompt: this model alone, or handing over to the refiner."""
+        refiner = self.refiner()
+        if refiner is None:
+            return self.generate(**conditions, num_samples=n, seed=seed)
+        from zoo.diffusion.refiner import generate_with_refiner
+
+        return generate_with_refiner(
+            self, refiner, self.sampling.denoising_end, num_samples=n, seed=seed, **conditions
         )
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
@@ -678,7 +783,7 @@ class LatentDiffusion(ZooModule):
         for i, (name, index) in enumerate(zip(names, torch.as_tensor(batch["index"]).tolist())):
             seed = self.sampling.seed + index if seeds[i] is None else int(seeds[i])
             one = {key: [values[i]] * n for key, values in asked.items()}
-            images = self.generate(**one, num_samples=n, seed=seed)
+            images = self._sample_prompt(one, n, seed)
             grid = make_grid(to_unit_range(images), nrow=n)
             prompt = batch["caption"][i] if "captions" in asked else name
             record_id = name if ids[i] is None else ids[i]

@@ -9,6 +9,9 @@ pipelines' packaging, so it works on any model function, and it adds what the st
 - inpainting by blending: after every step the known region is replaced by the known latents noised
   to the next timestep, so only the masked region is generated (with any model; a model trained with
   concatenated masks also gets them as input);
+- a split schedule (SDXL's base + refiner hand-over): ``denoising_end`` stops at a fraction of the schedule
+  and returns the still-noisy latents, ``denoising_start`` continues from such latents over the rest of the
+  *same* schedule (``zoo.diffusion.refiner`` runs one model, then the other);
 - reproducibility: all noise comes from one ``torch.Generator`` via diffusers' ``randn_tensor``, so
   the same seed, model and scheduler give the same images as diffusers' own pipelines (tested against
   ``DDIMPipeline``).
@@ -27,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from zoo.diffusion.schedules import SAMPLERS
 
-__all__ = ["SamplingConfig", "guided", "sample"]
+__all__ = ["SamplingConfig", "check_split", "guided", "sample", "split_timestep"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class SamplingConfig:
         negative_prompt: the unconditional branch's caption (captions only; "" is the null caption).
         samples_per_prompt: images per prompt in ``zoo predict``, one grid row each.
         seed: the first prompt's seed; prompt ``i`` of ``zoo predict`` uses ``seed + i``.
+        original_size / crop_top_left: a micro-conditioned model's size and crop (pixels, ``(h, w)`` and
+            ``(top, left)``); ``None``: "uncropped, full size", the image size and ``(0, 0)``.
+        denoising_end: with a refiner (``refiner_checkpoint``), the fraction of the schedule the base denoises
+            before handing over (SDXL's ensemble of experts uses 0.8).
     """
 
     sampler: str = "dpmsolver++"
@@ -51,8 +58,15 @@ class SamplingConfig:
     negative_prompt: str = ""
     samples_per_prompt: int = 4
     seed: int = 0
+    original_size: list[int] | None = None
+    crop_top_left: list[int] | None = None
+    denoising_end: float = 0.8
 
     def __post_init__(self) -> None:
+        for name in ("original_size", "crop_top_left"):  # plain ints in a list, as the checkpoint holds them
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, [int(v) for v in getattr(self, name)])
+        check_split(self.denoising_end, "denoising_end")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
         if self.steps < 1 or self.samples_per_prompt < 1:
@@ -62,6 +76,37 @@ class SamplingConfig:
 
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_split(fraction: float, name: str) -> float:
+    """A hand-over point: a float strictly between 0 and 1, as diffusers' SDXL pipelines require."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ValueError(
+            f"{name} must be a fraction of the schedule strictly between 0 and 1, got {fraction!r}"
+        )
+    return float(fraction)
+
+
+def split_timestep(fraction: float, num_train_timesteps: int) -> int:
+    """The timestep where a schedule split at ``fraction`` hands over: the first part denoises the timesteps
+    ``>=`` it, the second those below (diffusers' ``round(T - fraction * T)``)."""
+    return round(num_train_timesteps - fraction * num_train_timesteps)
+
+
+def _split_schedule(timesteps: torch.Tensor, scheduler, start: float | None, end: float | None):
+    """``(first index, timesteps)`` of the part of a full schedule between ``start`` and ``end``."""
+    total = scheduler.config.num_train_timesteps
+    first, last = 0, len(timesteps)
+    if start is not None:
+        first = int((timesteps >= split_timestep(check_split(start, "denoising_start"), total)).sum())
+    if end is not None:
+        last = int((timesteps >= split_timestep(check_split(end, "denoising_end"), total)).sum())
+    if last <= first:
+        raise ValueError(
+            f"denoising_start={start} / denoising_end={end} leave no step of the {len(timesteps)}-step schedule "
+            f"(timesteps {timesteps.tolist()}): use more steps or move the split"
+        )
+    return first, timesteps[first:last]
 
 
 def guided(model_fn: Callable, cond, uncond, guidance_scale: float) -> ModelFn:
@@ -102,6 +147,8 @@ def sample(
     mask: torch.Tensor | None = None,
     known_latents: torch.Tensor | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
 ) -> torch.Tensor:
     """Run the reverse process and return the final latents.
 
@@ -112,6 +159,10 @@ def sample(
         init_latents / strength: img2img; ``strength`` 1 ignores the image, 0 returns it.
         mask / known_latents: inpainting; ``mask`` is 1 where to generate, 0 where ``known_latents`` stay.
         callback: called as ``callback(i, t, latents)`` after every step.
+        denoising_start / denoising_end: run only the part of the ``num_inference_steps`` schedule between
+            these fractions (SDXL's hand-over). With ``denoising_start``, ``init_latents`` are the previous
+            part's output, already noisy at the switch: they are continued, not re-noised (``strength`` is
+            ignored). With ``denoising_end`` the still-noisy latents at the switch are returned.
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -120,7 +171,14 @@ def sample(
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
     noise = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
-    if init_latents is not None and strength < 1.0:
+    if denoising_start is not None or denoising_end is not None:
+        if denoising_start is not None and init_latents is None:
+            raise ValueError("denoising_start continues given latents: pass the first part's init_latents")
+        first, timesteps = _split_schedule(timesteps, scheduler, denoising_start, denoising_end)
+        if first and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first)
+        latents = noise * scheduler.init_noise_sigma if denoising_start is None else init_latents
+    elif init_latents is not None and strength < 1.0:
         order = getattr(scheduler, "order", 1)
         start = min(int(num_inference_steps * (1.0 - strength)), num_inference_steps) * order
         timesteps = timesteps[start:]

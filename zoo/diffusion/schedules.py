@@ -114,6 +114,9 @@ class DiffusionObjective:
         snr_gamma: min-SNR-gamma loss weights (Hang et al. 2023; 5 in the paper); ``None`` weighs steps equally.
         noise_offset: std of a per-channel constant added to the noise, so very dark or bright images are
             reachable (0 to disable).
+        timestep_range: ``(low, high)`` fractions of ``num_train_timesteps``: training draws timesteps in
+            ``[round(low * T), round(high * T))`` (``None``: all of them). A refiner (SDXL) trains on the low-noise end only, e.g.
+            ``(0.0, 0.2)`` for a hand-over at ``denoising_end=0.8``, so all its capacity goes to fine detail.
     """
 
     beta_schedule: str = "linear"
@@ -124,9 +127,28 @@ class DiffusionObjective:
     rescale_zero_terminal_snr: bool = False
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    timestep_range: list[float] | None = None
 
     def __post_init__(self) -> None:
         _check_schedule(self.beta_schedule, self.prediction_type, self.rescale_zero_terminal_snr)
+        if self.timestep_range is None:
+            return
+        # plain floats in a list: what the checkpoint's hparams (and YAML) hold
+        object.__setattr__(self, "timestep_range", [float(v) for v in self.timestep_range])
+        if len(self.timestep_range) != 2:
+            raise ValueError(f"timestep_range is a (low, high) pair of fractions, got {self.timestep_range}")
+        low, high = self.timestep_range
+        first, end = self.timestep_bounds()
+        if not 0.0 <= low < high <= 1.0 or end <= first:
+            raise ValueError(
+                f"timestep_range must be fractions 0 <= low < high <= 1 holding at least one of the "
+                f"{self.num_train_timesteps} timesteps, got {self.timestep_range}"
+            )
+
+    def timestep_bounds(self) -> tuple[int, int]:
+        """``[first, end)``: the integer timesteps training draws from."""
+        low, high = self.timestep_range or (0.0, 1.0)
+        return round(low * self.num_train_timesteps), round(high * self.num_train_timesteps)
 
     def noise_scheduler(self) -> DDPMScheduler:
         return build_noise_scheduler(
@@ -141,13 +163,14 @@ class DiffusionObjective:
     def draw_noise(
         self, latents: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The noise (with the optional offset) and a random timestep for each latent."""
+        """The noise (with the optional offset) and a random timestep in ``timestep_range`` for each latent."""
         b = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         if self.noise_offset:
             offset = torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents)
             noise = noise + self.noise_offset * offset
-        timesteps = torch.randint(0, self.num_train_timesteps, (b,), generator=generator).to(latents.device)
+        first, end = self.timestep_bounds()
+        timesteps = torch.randint(first, end, (b,), generator=generator).to(latents.device)
         return noise, timesteps
 
     def target(
