@@ -255,6 +255,20 @@ MODELS: tuple[ModelEntry, ...] = (
         "ControlNet on a frozen ldm_unet_class, steered by each image's edge map",
         parameters=5544115,
     ),
+    ModelEntry(
+        "ldm_micro_conditioning",
+        "diffusion/ldm_micro_conditioning.yaml",
+        "class-to-image",
+        "ldm_unet_class conditioned on original size and crop (SDXL), trained on random crops",
+        parameters=4014851,
+    ),
+    ModelEntry(
+        "ldm_refiner",
+        "diffusion/ldm_refiner.yaml",
+        "class-to-image",
+        "A refiner: ldm_unet_class trained on the low-noise end of the schedule only (SDXL's hand-over)",
+        parameters=3850499,
+    ),
 )
 
 
