@@ -10,15 +10,16 @@ teacher, and get a loss through ``distillation_targets(batch) -> (logits, labels
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
-__all__ = ["batch_inputs", "calibration_batches", "supervised_loss"]
+__all__ = ["batch_inputs", "calibration_batches", "run_with_layer_hooks", "supervised_loss"]
 
 
 def batch_inputs(batch: Any, key: str = "image") -> Any:
@@ -73,3 +74,17 @@ def supervised_loss(pl_module: LightningModule, batch: Any) -> Tensor:
     if isinstance(logits, (tuple, list)):
         return sum(F.cross_entropy(part, labels) for part in logits) / len(logits)
     return F.cross_entropy(logits, labels)
+
+
+def run_with_layer_hooks(module: torch.nn.Module, layers: Iterable[str], hook: Callable[[str], Callable],
+                         inputs: Iterable[Any]) -> None:  # fmt: skip
+    """Call ``module`` on each of ``inputs`` (no grad) with ``hook(name)`` as a forward hook on each named layer,
+    removed afterwards whatever happens: how static int8 and GPTQ see every layer's calibration inputs."""
+    handles = [module.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                module(x)
+    finally:
+        for handle in handles:
+            handle.remove()

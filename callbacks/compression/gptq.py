@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.callbacks.compression.calibration import run_with_layer_hooks
 from zoo.callbacks.compression.records import add_record, register_replay
 
 __all__ = [
@@ -254,7 +255,6 @@ def collect_hessians(module: nn.Module, names: list[str], inputs: list[Any]) -> 
     """``H = 2 X^T X / n`` of each named Linear's inputs over calibration ``inputs`` (one float forward pass)."""
     hessians: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
-    handles = []
 
     def hook(name: str):
         def fn(layer: nn.Module, args: tuple, output: Tensor) -> None:
@@ -267,15 +267,7 @@ def collect_hessians(module: nn.Module, names: list[str], inputs: list[Any]) -> 
 
         return fn
 
-    for name in names:
-        handles.append(module.get_submodule(name).register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            for x in inputs:
-                module(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_layer_hooks(module, names, hook, inputs)
     return hessians
 
 

@@ -37,7 +37,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from zoo.callbacks.compression import legacy
-from zoo.callbacks.compression.calibration import batch_inputs, calibration_batches
+from zoo.callbacks.compression.calibration import batch_inputs, calibration_batches, run_with_layer_hooks
 from zoo.callbacks.compression.records import (
     add_record,
     install_restore_hook,
@@ -176,14 +176,7 @@ def calibrate_activation_ranges(
 
         return fn
 
-    handles = [module.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
-    try:
-        with torch.no_grad():
-            for x in inputs:
-                module(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_layer_hooks(module, layers, hook, inputs)
     missing = [name for name in layers if name not in ranges]
     if missing:
         raise RuntimeError(f"layers {missing} saw no calibration input; static int8 needs every layer to run")
