@@ -14,6 +14,19 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
+#: ``zoo`` command-line overrides that make configs/bev/bevformer_cpu.yaml a seconds-long run: one small scene
+#: of two frames per split, one sample a batch
+TINY_BEV_ARGS = [
+    '--model.init_args.model_kwargs={"num_query": 20, "bev_h": 12, "bev_w": 12, "encoder_layers": 1, '
+    '"decoder_layers": 2}',
+    "--data.init_args.img_size=[32, 56]",
+    "--data.init_args.train_scenes=1",
+    "--data.init_args.val_scenes=1",
+    "--data.init_args.test_scenes=1",
+    "--data.init_args.frames_per_scene=2",
+    "--data.init_args.num_objects=8",
+    "--data.init_args.batch_size=1",
+]
 
 
 def pytest_configure(config):

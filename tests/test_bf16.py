@@ -29,7 +29,7 @@ from torchmetrics import Metric
 from zoo.cli import ZooCLI
 from zoo.predict import RecordPredictionWriter, load_predictions, load_records
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, TINY_BEV_ARGS
 from .diffusion.conftest import TINY_AE, TINY_DIT, TINY_UNET
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -176,17 +176,7 @@ FAMILIES = {
     "bev": Family(
         "bev/bevformer_cpu.yaml",
         "val/NDS",
-        [
-            '--model.init_args.model_kwargs={"num_query": 20, "bev_h": 12, "bev_w": 12, "encoder_layers": 1, '
-            '"decoder_layers": 2}',
-            "--data.init_args.img_size=[32, 56]",
-            "--data.init_args.train_scenes=1",
-            "--data.init_args.val_scenes=1",
-            "--data.init_args.test_scenes=1",
-            "--data.init_args.frames_per_scene=2",
-            "--data.init_args.num_objects=8",
-            "--data.init_args.batch_size=1",
-        ],
+        TINY_BEV_ARGS,
     ),
 }
 

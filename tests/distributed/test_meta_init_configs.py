@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, TINY_BEV_ARGS
 from tests.diffusion.conftest import TINY_AE, TINY_DIT, TINY_UNET
 from zoo.cli import ZooCLI
 from zoo.strategies import empty_parameters
@@ -90,16 +90,7 @@ CONFIGS_UNDER_FSDP2 = {
     "bev": Config(
         "bev/bevformer_cpu.yaml",
         "val/NDS",
-        [
-            '--model.init_args.model_kwargs={"num_query": 20, "bev_h": 12, "bev_w": 12, "encoder_layers": 1, '
-            '"decoder_layers": 2}',
-            "--data.init_args.img_size=[32, 56]",
-            "--data.init_args.train_scenes=1",
-            "--data.init_args.val_scenes=1",
-            "--data.init_args.frames_per_scene=2",
-            "--data.init_args.num_objects=8",
-            "--data.init_args.batch_size=1",
-        ],
+        TINY_BEV_ARGS,
     ),
 }
 
