@@ -808,7 +808,7 @@ class TrainingMonitor(Callback):
         self.peak_rss = max(self.peak_rss, _peak_rss_bytes())
         if (cpu := _cpu_percent()) is not None:
             metrics["monitor/cpu_percent"] = cpu
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+        if pl_module.device.type == "cuda":
             metrics["monitor/cuda_allocated_gb"] = torch.cuda.memory_allocated(pl_module.device) / 2**30
             metrics["monitor/cuda_reserved_gb"] = torch.cuda.memory_reserved(pl_module.device) / 2**30
             with contextlib.suppress(Exception):  # NVML (pynvml) absent
