@@ -109,11 +109,15 @@ def train(model: LatentDiffusion, data: CaptionedImageDataModule, steps: int, lr
 
 def run(steps: int = 600, img_size: int = 16, batch_size: int = 32, samples_per_class: int = 8,
         lr: float = 2e-3, scales=(1.0, 2.0), seed: int = 0, save: str | None = None) -> dict:  # fmt: skip
+    labels = torch.arange(12).repeat_interleave(samples_per_class).tolist()
     data = CaptionedImageDataModule(
-        img_size=img_size, batch_size=batch_size, train_size=4000, crop_scales=list(scales)
+        img_size=img_size,
+        batch_size=batch_size,
+        train_size=4000,
+        val_size=max(256, len(labels)),  # the data's own rates are taken over as many images as samples
+        crop_scales=list(scales),
     )
     data.setup()
-    labels = torch.arange(12).repeat_interleave(samples_per_class).tolist()
     reference = {  # the data itself: uncropped scenes vs the random crops trained on
         "uncropped_data": shape_statistics(
             torch.stack([data.val_set[i]["image"] for i in range(len(labels))])
