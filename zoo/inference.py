@@ -20,7 +20,7 @@ from zoo.checkpointing import CheckpointError, load_checkpoint_file
 from zoo.cli import ZooCLI, prepare_arguments
 from zoo.errors import MissingFileError
 
-__all__ = ["TrainedModel", "load_data_module", "load_trained_model", "load_weights"]
+__all__ = ["ConfiguredData", "TrainedModel", "load_data_module", "load_trained_model", "load_weights"]
 
 
 @dataclass
@@ -82,13 +82,26 @@ def load_weights(module: LightningModule, ckpt_path: str | Path) -> None:
         ) from error
 
 
-def load_data_module(config_args: Sequence[str]) -> tuple[LightningDataModule | None, str]:
-    """The data module of ``config_args`` set up to predict, and the name of its model class, without building
-    the model (a server's HTTP process checks requests with the data module alone)."""
-    cli = _DataOnlyCLI(args=prepare_arguments(["predict", *config_args, "--trainer.logger=false"]))
+@dataclass
+class ConfiguredData:
+    """A config's data module (set up to predict) and its model's configuration, the model not built."""
+
+    datamodule: LightningDataModule | None
+    model_name: str
+    model_config: dict  # the config's ``model`` part: class_path, init_args, a checkpoint's dict_kwargs
+
+
+def load_data_module(config_args: Sequence[str], ckpt_path: str | None = None) -> ConfiguredData:
+    """The data module of ``config_args`` set up to predict and the model's configuration (with ``ckpt_path``'s
+    hyper-parameters merged, as ``zoo predict`` merges them), without building the model: a server's HTTP
+    process checks requests with these alone."""
+    args = ["predict", *config_args, "--trainer.logger=false"]
+    if ckpt_path is not None:
+        args += ["--ckpt_path", str(ckpt_path)]
+    cli = _DataOnlyCLI(args=prepare_arguments(args))
     if cli.datamodule is not None:
         cli.datamodule.setup("predict")
-    return cli.datamodule, cli.model_name
+    return ConfiguredData(cli.datamodule, cli.model_name, cli.model_config)
 
 
 class _BuildOnlyCLI(ZooCLI):
@@ -104,4 +117,6 @@ class _DataOnlyCLI(_BuildOnlyCLI):
     def instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         self.datamodule = self._instantiate_data(config)
-        self.model_name = str(config.model.class_path).rsplit(".", 1)[-1] if config.get("model") else "model"
+        model = config.get("model")
+        self.model_name = str(model.class_path).rsplit(".", 1)[-1] if model else "model"
+        self.model_config = model.as_dict() if model is not None else {}

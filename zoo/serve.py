@@ -160,8 +160,8 @@ def build_server(config_args: Sequence[str], ckpt_path: str | None, *, max_batch
     litserve = require("litserve", "serve", "zoo serve")
     from zoo.inference import load_data_module
 
-    datamodule, model_name = load_data_module(config_args)
-    codec = request_codec(datamodule, model_name)
+    configured = load_data_module(config_args, ckpt_path)
+    codec = request_codec(configured.datamodule, configured.model_name).for_model(configured.model_config)
     api = ZooAPI(config_args, ckpt_path, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     return litserve.LitServer(
         api,

@@ -24,9 +24,11 @@ import torch
 __all__ = [
     "RequestCodec",
     "RequestError",
+    "class_name",
     "image_field",
     "integer_field",
     "json_record",
+    "model_argument",
     "number_field",
     "text_field",
 ]
@@ -59,6 +61,14 @@ class RequestCodec:
         """A predict batch from parsed items."""
         raise NotImplementedError
 
+    def for_model(self, model_config: Mapping[str, Any]) -> RequestCodec:
+        """This codec narrowed to what the configured model reads, where the family's models differ (a
+        class-conditional diffusion model reads no free text). ``model_config`` is the config's ``model`` part
+        as a dict (``class_path``, ``init_args``, a checkpoint's hyper-parameters in ``dict_kwargs``), known in
+        the HTTP process without building the model. Default: every model of the family reads what the data
+        allows."""
+        return self
+
     def check_keys(self, payload: Any) -> Mapping[str, Any]:
         """``payload`` as a mapping holding only known fields."""
         if not isinstance(payload, Mapping):
@@ -70,6 +80,29 @@ class RequestCodec:
 
     def _listing(self) -> str:
         return ", ".join(f"{name!r} ({text})" for name, text in self.fields.items())
+
+
+def model_argument(model_config: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    """A constructor argument of the configured model: a checkpoint's hyper-parameter (``dict_kwargs``) over
+    the config's own (``init_args``)."""
+    for part in ("dict_kwargs", "init_args"):
+        arguments = model_config.get(part) or {}
+        if name in arguments:
+            return arguments[name]
+    return default
+
+
+def class_name(value: Any) -> str | None:
+    """The class a config value names: ``{"class_path": "a.b.C", ...}`` or ``"a.b.C"`` -> ``"C"``; an object
+    -> its class's name; ``None`` -> ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        value = value.get("class_path")
+        return None if value is None else str(value).rsplit(".", 1)[-1]
+    if isinstance(value, str):
+        return value.rsplit(".", 1)[-1]
+    return type(value).__name__
 
 
 # --------------------------------------------------------------------------- field readers
