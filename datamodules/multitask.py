@@ -510,6 +510,7 @@ class MultitaskRequestCodec(RequestCodec):
     fields = {"text": "the input, written in the data's vocabulary (for the embedded tasks an expression "
                       "such as '(1+2)*3')",
               "id": "optional name, echoed in the answer (default: the text)"}  # fmt: skip
+    text_fields = ("text", "id")
 
     def __init__(self, vocabulary: Vocabulary, max_length: int) -> None:
         self.vocabulary = vocabulary

@@ -217,6 +217,7 @@ class ProteinRequestCodec(RequestCodec):
 
     fields = {"sequence": "the protein's amino acids, one letter each (ESM alphabet)",
               "id": "optional name, echoed in the answer"}  # fmt: skip
+    text_fields = ("sequence", "id")
 
     def __init__(self, alphabet: Alphabet, max_length: int) -> None:
         self.max_length = max_length

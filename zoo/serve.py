@@ -145,9 +145,11 @@ class RequestValidation:
             for key, value in form.multi_items():
                 if hasattr(value, "read"):  # an uploaded file
                     payload[key] = base64.b64encode(await value.read()).decode("ascii")
+                elif key in self.codec.image_fields or key in self.codec.text_fields:
+                    payload[key] = value
                 else:  # form fields are strings: numbers and lists are given as JSON
                     try:
-                        payload[key] = json.loads(value) if key not in self.codec.image_fields else value
+                        payload[key] = json.loads(value)
                     except json.JSONDecodeError:
                         payload[key] = value
         return payload

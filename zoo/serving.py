@@ -47,11 +47,14 @@ class RequestCodec:
 
     ``fields`` documents the JSON object: ``{name: description}``; ``parse`` refuses any other key, so a typo
     ("sequnce") is named rather than ignored. ``image_fields`` are the fields that also arrive as multipart
-    uploads (the server reads the file's bytes into the field).
+    uploads (the server reads the file's bytes into the field). A multipart form's other fields are strings,
+    read as JSON where they parse (``seed=3`` is the number 3) except ``text_fields``, which stay as typed: an
+    id ``42`` or an expression ``12`` is text, not a number.
     """
 
     fields: Mapping[str, str] = {}
     image_fields: tuple[str, ...] = ()
+    text_fields: tuple[str, ...] = ("id",)
 
     def parse(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """One predict item from one request (raises ``RequestError``)."""

@@ -160,3 +160,33 @@ def test_good_requests_pass_on_as_json_and_uploads_become_base64_fields():
     assert status == 200 and seen["body"]["text"] == "abc"
     assert base64.b64decode(seen["body"]["image"]) == png
     assert seen["headers"][b"content-type"] == b"application/json"
+
+
+class Expressions(RequestCodec):
+    fields = {"text": "an expression", "seed": "an integer", "id": "a name"}
+    text_fields = ("text", "id")
+
+    def parse(self, payload):
+        payload = self.check_keys(payload)
+        return {
+            "text": text_field(payload, "text"),
+            "seed": integer_field(payload, "seed", default=0),
+            "id": text_field(payload, "id", required=False),
+        }
+
+
+def form_body(fields: dict[str, str], boundary: str = "zooboundary") -> tuple[bytes, str]:
+    parts = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields.items()
+    )
+    return (parts + f"--{boundary}--\r\n").encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_form_fields_are_json_except_the_codecs_text_fields():
+    body, content_type = form_body({"text": "12", "seed": "3", "id": "42"})
+    status, _, seen = call(lambda app: RequestValidation(app, Expressions()), body, content_type)
+    assert status == 200 and seen["body"] == {"text": "12", "seed": 3, "id": "42"}
+    body, content_type = form_body({"text": "12", "seed": "three"})
+    status, answer, _ = call(lambda app: RequestValidation(app, Expressions()), body, content_type)
+    assert status == 422 and answer["field"] == "seed"
