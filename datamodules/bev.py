@@ -16,6 +16,16 @@ Each item is one key frame with the ``queue_length - 1`` frames before it (BEVFo
   ``lidar2global`` (4, 4) float64: the pose of the boxes' frame in the global frame (the synthetic scene's
   world), which nuScenes submissions are written in.
 
+With ``planning=True`` (embedded scenes where the ego reacts to obstacles, or info files with VAD's planning
+fields) each item also has, in the key frame's LiDAR/ego frame:
+
+- ``ego_fut`` (6, 2) the ego's positions 0.5 ... 3 s ahead, ``ego_fut_mask`` (6,) which of them exist;
+- ``ego_command`` () long, index into ``COMMANDS`` (VAD's order: right, left, straight), from the route;
+- ``ego_status`` (11,) ``EGO_STATUS_DIMS``: 4 past positions (oldest first), speed, yaw rate, acceleration;
+- ``agent_fut`` (K, 6, 5) every agent's box ``x, y, w, l, yaw`` at those times, ``agent_fut_mask`` (K, 6);
+- ``reactive`` () bool: the future leaves constant velocity and yaw rate by more than 1 m
+  (``zoo.bev.trajectory.deviates_from_constant_velocity``).
+
 Ground truth is filtered as nuScenes and BEVFormer filter it, with the counts kept in ``filter_counts``:
 boxes whose centre lies outside the BEV range are dropped (as ``ObjectRangeFilter``), and so are boxes that
 no camera sees (fewer than ``min_pixels`` rendered pixels; nuScenes drops boxes without lidar points).
@@ -38,13 +48,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.datamodules.bev_scenes import CAMERA_NAMES, CLASS_STYLE, make_scene, nuscenes_rig, render_frame
+from zoo.bev.trajectory import EGO_STATUS_DIMS, deviates_from_constant_velocity
+from zoo.datamodules.bev_scenes import (
+    CAMERA_NAMES,
+    CLASS_STYLE,
+    COMMANDS,
+    PlanningScene,
+    make_planning_scene,
+    make_scene,
+    nuscenes_rig,
+    render_frame,
+)
 from zoo.datamodules.splits import SplitDataModule
 from zoo.errors import MissingFileError, ZooError
 from zoo.resume import ResumableDataLoader
 from zoo.serving import RequestCodec, RequestError, image_field, text_field
 
 __all__ = [
+    "PLANNING_FIELDS",
     "BEVDetectionDataModule",
     "BEVRequestCodec",
     "NuScenesInfoDataset",
@@ -144,10 +165,61 @@ def _in_range(boxes: np.ndarray, pc_range: tuple[float, ...]) -> np.ndarray:
     )
 
 
+#: The planning entries of an item (``planning=True``).
+PLANNING_FIELDS = (
+    "ego_fut",
+    "ego_fut_mask",
+    "ego_command",
+    "ego_status",
+    "agent_fut",
+    "agent_fut_mask",
+    "reactive",
+)
+#: Planning horizon (waypoints at 2 Hz) and ego history length, as in nuScenes planning.
+FUTURE_STEPS, PAST_STEPS, PLAN_DT = 6, 4, 0.5
+
+
+def _planning_item(
+    ego_fut: np.ndarray, ego_fut_mask: np.ndarray, command: int, past: np.ndarray, speed: float,
+    yaw_rate: float, acceleration: float, agent_fut: np.ndarray, agent_fut_mask: np.ndarray,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The planning fields as tensors, with ``reactive`` derived from the future and the ego's motion."""
+    fut = torch.from_numpy(np.asarray(ego_fut, dtype=np.float32).reshape(FUTURE_STEPS, 2))
+    mask = torch.from_numpy(np.asarray(ego_fut_mask, dtype=np.float32).reshape(FUTURE_STEPS))
+    status = np.concatenate([np.asarray(past, dtype=np.float64).reshape(-1), [speed, yaw_rate, acceleration]])
+    reactive = deviates_from_constant_velocity(
+        fut[None], torch.tensor([speed], dtype=torch.float32), torch.tensor([yaw_rate], dtype=torch.float32),
+        mask[None], dt=PLAN_DT,
+    )[0]  # fmt: skip
+    return {
+        "ego_fut": fut,
+        "ego_fut_mask": mask,
+        "ego_command": torch.tensor(int(command)),
+        "ego_status": torch.from_numpy(status).float().reshape(EGO_STATUS_DIMS),
+        "agent_fut": torch.from_numpy(np.asarray(agent_fut, dtype=np.float32).reshape(-1, FUTURE_STEPS, 5)),
+        "agent_fut_mask": torch.from_numpy(
+            np.asarray(agent_fut_mask, dtype=np.float32).reshape(-1, FUTURE_STEPS)
+        ),
+        "reactive": reactive,
+    }
+
+
+def _scene_planning_fields(scene: PlanningScene, frame: int) -> dict[str, torch.Tensor]:
+    """An embedded scene's planning fields at ``frame``; every agent counts for collisions, seen or not."""
+    agents = scene.agent_futures(frame)
+    return _planning_item(
+        scene.ego_points(frame, range(1, FUTURE_STEPS + 1)), np.ones(FUTURE_STEPS), scene.command(frame),
+        scene.ego_points(frame, range(-PAST_STEPS, 0)), scene.speed(frame), scene.yaw_rate(frame),
+        scene.acceleration(frame), agents, np.ones(agents.shape[:2]),
+    )  # fmt: skip
+
+
 class SyntheticSceneDataset(Dataset):
     """Key frames of ``num_scenes`` deterministic scenes; each scene is rendered once, on first use, and cached.
 
     Scene ``k`` depends only on ``(seed, split, k)``, so the data are the same on every machine and rank.
+    ``planning=True`` draws scenes in which the ego brakes for an obstacle (a fraction ``reactive`` of them;
+    ``make_planning_scene``) and adds the planning fields to each item.
     """
 
     def __init__(
@@ -164,6 +236,8 @@ class SyntheticSceneDataset(Dataset):
         point_cloud_range: tuple[float, ...] = (-25.6, -25.6, -1.0, 25.6, 25.6, 4.0),
         min_pixels: int = 4,
         noise: float = 0.02,
+        planning: bool = False,
+        reactive: float = 0.5,
     ) -> None:
         if split not in SPLITS:
             raise ZooError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
@@ -176,6 +250,7 @@ class SyntheticSceneDataset(Dataset):
         self.num_scenes, self.frames_per_scene, self.queue_length = num_scenes, frames_per_scene, queue_length
         self.class_names = tuple(class_names)
         self.num_objects, self.min_pixels, self.noise = num_objects, min_pixels, noise
+        self.planning, self.reactive = planning, reactive
         self.pc_range = _check_range(point_cloud_range)
         self.rig = nuscenes_rig(tuple(img_size))
         self.lidar2img = torch.from_numpy(self.rig.lidar2img).float()
@@ -191,13 +266,18 @@ class SyntheticSceneDataset(Dataset):
             return self._cache[index]
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
         x_extent = min(abs(self.pc_range[0]), self.pc_range[3], abs(self.pc_range[1]), self.pc_range[4])
-        scene = make_scene(
-            rng,
-            self.class_names,
-            num_frames=self.frames_per_scene,
-            num_objects=self.num_objects,
-            radius=1.25 * x_extent,
-        )
+        sizes = {
+            "num_frames": self.frames_per_scene,
+            "num_objects": self.num_objects,
+            "radius": 1.25 * x_extent,
+        }
+        if self.planning:
+            scene = make_planning_scene(
+                rng, self.class_names, reactive=self.reactive, past=PAST_STEPS, future=FUTURE_STEPS, dt=PLAN_DT,
+                **sizes,
+            )  # fmt: skip
+        else:
+            scene = make_scene(rng, self.class_names, **sizes)
         colours = np.array([CLASS_STYLE[self.class_names[c]][1] for c in scene.classes]) / 255.0
         colours = np.clip(colours * rng.uniform(0.85, 1.1, size=(len(colours), 1)), 0, 1).reshape(-1, 3)
         attributes = scene.attributes()
@@ -214,16 +294,18 @@ class SyntheticSceneDataset(Dataset):
             self.filter_counts["not_visible"] += int((inside & ~seen).sum())
             keep = seen & inside
             prev = scene.ego2global(frame - 1) if frame > 0 else None
+            speed, yaw_rate = scene.ego_speed, scene.ego_yaw_rate
+            if isinstance(scene, PlanningScene):
+                speed, yaw_rate = scene.speed(frame), scene.yaw_rate(frame)
             frames.append(
                 {
                     "images": images,
                     "gt_boxes": torch.from_numpy(boxes[keep]).float(),
                     "gt_labels": torch.from_numpy(scene.classes[keep]),
                     "gt_attributes": torch.from_numpy(attributes[keep]),
-                    "can_bus": torch.from_numpy(
-                        can_bus_vector(pose, prev, scene.ego_yaw_rate, scene.ego_speed)
-                    ).float(),
+                    "can_bus": torch.from_numpy(can_bus_vector(pose, prev, yaw_rate, speed)).float(),
                     "lidar2global": torch.from_numpy(pose),
+                    **(_scene_planning_fields(scene, frame) if isinstance(scene, PlanningScene) else {}),
                 }
             )
         self._cache[index] = {"frames": frames}
@@ -249,6 +331,7 @@ class SyntheticSceneDataset(Dataset):
             "sample_id": index,
             "token": f"{self.split}_scene{scene_index:03d}_frame{frame:02d}",
             "lidar2global": last["lidar2global"],
+            **{key: last[key] for key in PLANNING_FIELDS if key in last},
         }
 
 
@@ -266,6 +349,12 @@ class NuScenesInfoDataset(Dataset):
     ``filter_counts``; samples are ordered by their position in the file, and the temporal queue stays within
     a ``scene_token``. ``annotated=False`` accepts samples without ``gt_boxes``/``gt_names`` (nuScenes' test
     split), which then have no ground truth.
+
+    ``planning=True`` reads VAD's planning fields too: ``gt_ego_fut_trajs`` (6 x 2 displacements per 0.5 s step,
+    LiDAR frame), ``gt_ego_fut_masks`` (6), ``gt_ego_fut_cmd`` (one-hot: right, left, straight) and, for
+    collisions, ``gt_agent_fut_trajs`` (M x 12 displacements) with ``gt_agent_fut_masks`` (M x 6) for the
+    ``gt_boxes`` (no agents without them). The ego status comes from the CAN bus (speed ``[13]``, yaw rate
+    ``[12]``, acceleration ``[7]``) and the poses of the scene's earlier samples (the oldest repeats at a start).
     """
 
     def __init__(
@@ -279,8 +368,10 @@ class NuScenesInfoDataset(Dataset):
         queue_length: int = 3,
         cameras: tuple[str, ...] = CAMERA_NAMES,
         annotated: bool = True,
+        planning: bool = False,
     ) -> None:
         self.info_file, self.data_root, self.annotated = Path(info_file), Path(data_root), annotated
+        self.planning = planning
         if not self.info_file.is_file():
             raise MissingFileError(f"info file {str(self.info_file)!r} does not exist")
         try:
@@ -300,8 +391,10 @@ class NuScenesInfoDataset(Dataset):
 
     def _validate(self, index: int, info: dict) -> dict:
         where = f"{self.info_file}: infos[{index}]"
-        required = ("token", "scene_token", "can_bus", "cams") + (
-            ("gt_boxes", "gt_names") if self.annotated else ()
+        required = (
+            ("token", "scene_token", "can_bus", "cams")
+            + (("gt_boxes", "gt_names") if self.annotated else ())
+            + (("gt_ego_fut_trajs", "gt_ego_fut_masks", "gt_ego_fut_cmd") if self.planning else ())
         )
         for key in required:
             if key not in info:
@@ -329,6 +422,11 @@ class NuScenesInfoDataset(Dataset):
             path = self.data_root / entry["data_path"]
             if not path.is_file():
                 raise MissingFileError(f"{where}.cams.{cam}: image {str(path)!r} is missing")
+        if self.planning:
+            for key, shape in (("gt_ego_fut_trajs", (FUTURE_STEPS, 2)), ("gt_ego_fut_masks", (FUTURE_STEPS,)),
+                               ("gt_ego_fut_cmd", (len(COMMANDS),))):  # fmt: skip
+                if np.asarray(info[key]).shape != shape:
+                    raise ZooError(f"{where}.{key} has shape {np.asarray(info[key]).shape}, expected {shape}")
         boxes = np.asarray(info.get("gt_boxes", []), dtype=np.float64).reshape(-1, 7)
         if len(info.get("gt_names", [])) != len(boxes):
             raise ZooError(f"{where}: {len(boxes)} gt_boxes but {len(info.get('gt_names', []))} gt_names")
@@ -396,7 +494,42 @@ class NuScenesInfoDataset(Dataset):
             "sample_id": index,
             "token": str(info["token"]),
             "lidar2global": torch.from_numpy(self._lidar2global(info)),
+            **(self._planning(index) if self.planning else {}),
         }
+
+    def _planning(self, index: int) -> dict[str, torch.Tensor]:
+        info = self.infos[index]
+        earlier = [index]
+        for _ in range(PAST_STEPS):
+            prev = earlier[0] - 1
+            same = prev >= 0 and self.infos[prev]["scene_token"] == info["scene_token"]
+            earlier.insert(0, prev if same else earlier[0])
+        to_here = np.linalg.inv(self._lidar2global(info))
+        past = np.stack([(to_here @ self._lidar2global(self.infos[i]))[:2, 3] for i in earlier[:-1]])
+        can_bus = np.asarray(info["can_bus"], dtype=np.float64)
+        keep = self._keep(info)
+        boxes = np.asarray(info.get("gt_boxes", []), dtype=np.float64).reshape(-1, 7)[keep]
+        steps = np.asarray(
+            info.get("gt_agent_fut_trajs", np.zeros((len(keep), 2 * FUTURE_STEPS))), dtype=np.float64
+        )
+        steps = steps.reshape(-1, FUTURE_STEPS, 2)[keep]
+        masks = np.asarray(
+            info.get("gt_agent_fut_masks", np.zeros((len(keep), FUTURE_STEPS))), dtype=np.float64
+        )
+        centres = boxes[:, None, :2] + np.cumsum(steps, axis=1)
+        sizes = np.broadcast_to(boxes[:, None, [3, 4, 6]], (len(boxes), FUTURE_STEPS, 3))
+        return _planning_item(
+            np.cumsum(np.asarray(info["gt_ego_fut_trajs"], dtype=np.float64), axis=0), info["gt_ego_fut_masks"],
+            int(np.argmax(info["gt_ego_fut_cmd"])), past, can_bus[13], can_bus[12], can_bus[7],
+            np.concatenate([centres, sizes], axis=-1), masks.reshape(-1, FUTURE_STEPS)[keep],
+        )  # fmt: skip
+
+    def _keep(self, info: dict) -> np.ndarray:
+        """Which of the info's boxes are targets: a known class, valid, inside the BEV range."""
+        boxes = np.asarray(info.get("gt_boxes", []), dtype=np.float64).reshape(-1, 7)
+        known = np.array([name in self.class_names for name in info.get("gt_names", [])], dtype=bool)
+        valid = np.asarray(info.get("valid_flag", np.ones(len(boxes), dtype=bool)), dtype=bool)
+        return known.reshape(-1) & valid & _in_range(boxes, self.pc_range)
 
     def _can_bus(self, index: int) -> np.ndarray:
         """Deltas to the previous sample of the same scene, as BEVFormer's ``union2one`` makes them."""
@@ -429,7 +562,8 @@ class NuScenesInfoDataset(Dataset):
 
 
 def collate_bev(items: list[dict]) -> dict:
-    """Stack the camera tensors and poses; ground truth (a count per sample) and tokens stay lists."""
+    """Stack the camera tensors and poses (and the ego's planning fields); ground truth (a count per sample)
+    and tokens stay lists."""
     batch = {
         key: torch.stack([item[key] for item in items])
         for key in ("images", "lidar2img", "can_bus", "prev_exists", "lidar2global")
@@ -437,6 +571,10 @@ def collate_bev(items: list[dict]) -> dict:
     for key in ("gt_boxes", "gt_labels", "gt_attributes", "token"):
         batch[key] = [item[key] for item in items]
     batch["sample_id"] = torch.tensor([item["sample_id"] for item in items])
+    if all("ego_fut" in item for item in items):  # planning fields: agents (a count per sample) stay lists
+        for key in PLANNING_FIELDS:
+            values = [item[key] for item in items]
+            batch[key] = values if key.startswith("agent_") else torch.stack(values)
     return batch
 
 
@@ -626,6 +764,9 @@ class BEVDetectionDataModule(SplitDataModule):
         data_root, train_info, val_info, test_info: real data (info files relative to ``data_root``).
         predict_info: the info file ``zoo predict`` reads (relative to ``data_root``; annotations optional);
             without it, predict runs on the test split.
+        planning: add the ego's planning fields to each item (``ego_fut``, ``ego_command``, ``ego_status``,
+            ``agent_fut`` ...): embedded scenes where the ego brakes for obstacles, or info files' VAD fields.
+        reactive: fraction of embedded planning scenes with an obstacle on the ego's route.
     """
 
     #: data attribute -> model argument, fed by ``zoo fit`` into models that take the argument
@@ -654,6 +795,8 @@ class BEVDetectionDataModule(SplitDataModule):
         val_info: str | None = None,
         test_info: str | None = None,
         predict_info: str | None = None,
+        planning: bool = False,
+        reactive: float = 0.5,
     ) -> None:
         super().__init__()
         # class_names / point_cloud_range are linked into the model, whose hyperparameters record them
@@ -691,6 +834,7 @@ class BEVDetectionDataModule(SplitDataModule):
             img_size=self.img_size,
             queue_length=self.hparams.queue_length,
             annotated=annotated,
+            planning=self.hparams.planning and annotated,
         )
 
     def _setup_splits(self) -> None:
@@ -708,6 +852,8 @@ class BEVDetectionDataModule(SplitDataModule):
                     class_names=tuple(self.class_names),
                     num_objects=hp.num_objects,
                     point_cloud_range=tuple(self.point_cloud_range),
+                    planning=hp.planning,
+                    reactive=hp.reactive,
                 )
                 for split, n in sizes.items()
             }

@@ -24,13 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from zoo.bev.metrics import ATTRIBUTE_NAMES
+from zoo.bev.trajectory import EGO_SIZE
 from zoo.errors import ZooError
 
 __all__ = [
     "CAMERA_NAMES",
     "CLASS_STYLE",
+    "COMMANDS",
     "CameraRig",
+    "PlanningScene",
     "Scene",
+    "make_planning_scene",
     "make_scene",
     "nuscenes_rig",
     "render_frame",
@@ -202,35 +206,9 @@ def make_scene(
     else:
         ego_xy = np.stack([speed * t * math.cos(yaw0), speed * t * math.sin(yaw0)], axis=1)
     centre = ego_xy[num_frames // 2]
-    classes, sizes, starts, yaws, velocities = [], [], [], [], []
-    attempts = 0
-    while len(classes) < num_objects and attempts < num_objects * 50:
-        attempts += 1
-        label = int(rng.integers(len(class_names)))
-        mean_size, _, p_move, (v_lo, v_hi) = CLASS_STYLE[class_names[label]]
-        size = np.array(mean_size) * rng.uniform(0.85, 1.15, size=3)
-        r = radius * math.sqrt(rng.uniform(0.02, 1.0))
-        phi = rng.uniform(-np.pi, np.pi)
-        mid = centre + r * np.array([math.cos(phi), math.sin(phi)])
-        yaw = float(rng.uniform(-np.pi, np.pi))
-        v = rng.uniform(v_lo, v_hi) if rng.uniform() < p_move else 0.0
-        vel = v * np.array([math.cos(yaw), math.sin(yaw)])
-        start = mid - vel * t[num_frames // 2]
-        track = start + vel * t[:, None]
-        reach = 0.5 * math.hypot(size[0], size[1])
-        if np.min(np.linalg.norm(track - ego_xy, axis=1)) < reach + 3.5:
-            continue  # would drive through the ego vehicle
-        if starts:
-            others = np.stack(starts)[None] + np.stack(velocities)[None] * t[:, None, None]  # (F, K, 2)
-            other_reach = 0.5 * np.hypot(np.stack(sizes)[:, 0], np.stack(sizes)[:, 1])
-            gap = np.linalg.norm(others - track[:, None], axis=2) - other_reach[None] - reach
-            if gap.min() < 0.3:
-                continue  # would overlap another box at some frame
-        classes.append(label)
-        sizes.append(size)
-        starts.append(start)
-        yaws.append(yaw)
-        velocities.append(vel)
+    classes, sizes, starts, yaws, velocities = _place_tracks(
+        rng, class_names, num_objects, centre, radius, t, t[num_frames // 2], [ego_xy]
+    )
     scene = Scene(
         ego_xy=ego_xy,
         ego_yaw=ego_yaw,
@@ -245,6 +223,245 @@ def make_scene(
         class_names=tuple(class_names),
     )
     return scene
+
+
+def _place_tracks(
+    rng: np.random.Generator,
+    class_names: tuple[str, ...],
+    num_objects: int,
+    centre: np.ndarray,
+    radius: float,
+    t: np.ndarray,
+    t_mid: float,
+    keep_clear: list[np.ndarray],
+    fixed: tuple[list, ...] | None = None,
+) -> tuple[list, list, list, list, list]:
+    """Draw up to ``num_objects`` straight tracks (at ``centre`` +- ``radius`` at time ``t_mid``) that keep 3.5 m
+    clear of every path in ``keep_clear`` ((len(t), 2) each) and 0.3 m clear of each other and of ``fixed``
+    (tracks already placed: classes, sizes, starts, yaws, velocities)."""
+    classes, sizes, starts, yaws, velocities = fixed if fixed is not None else ([], [], [], [], [])
+    placed = len(classes)
+    attempts = 0
+    while len(classes) - placed < num_objects and attempts < num_objects * 50:
+        attempts += 1
+        label = int(rng.integers(len(class_names)))
+        mean_size, _, p_move, (v_lo, v_hi) = CLASS_STYLE[class_names[label]]
+        size = np.array(mean_size) * rng.uniform(0.85, 1.15, size=3)
+        r = radius * math.sqrt(rng.uniform(0.02, 1.0))
+        phi = rng.uniform(-np.pi, np.pi)
+        mid = centre + r * np.array([math.cos(phi), math.sin(phi)])
+        yaw = float(rng.uniform(-np.pi, np.pi))
+        v = rng.uniform(v_lo, v_hi) if rng.uniform() < p_move else 0.0
+        vel = v * np.array([math.cos(yaw), math.sin(yaw)])
+        start = mid - vel * t_mid
+        track = start + vel * t[:, None]
+        reach = 0.5 * math.hypot(size[0], size[1])
+        if any(np.min(np.linalg.norm(track - path, axis=1)) < reach + 3.5 for path in keep_clear):
+            continue  # would drive through the ego vehicle
+        if starts:
+            others = np.stack(starts)[None] + np.stack(velocities)[None] * t[:, None, None]  # (F, K, 2)
+            other_reach = 0.5 * np.hypot(np.stack(sizes)[:, 0], np.stack(sizes)[:, 1])
+            gap = np.linalg.norm(others - track[:, None], axis=2) - other_reach[None] - reach
+            if gap.min() < 0.3:
+                continue  # would overlap another box at some frame
+        classes.append(label)
+        sizes.append(size)
+        starts.append(start)
+        yaws.append(yaw)
+        velocities.append(vel)
+    return classes, sizes, starts, yaws, velocities
+
+
+#: Deceleration (m/s^2) of the ego's braking for an obstacle: one comfortable value, so when it starts braking
+#: follows from what the cameras show (distance to the obstacle) and its speed.
+BRAKE_DECEL = 2.0
+#: Bumper-to-obstacle gap (m) the ego stops at.
+STOP_GAP = 2.0
+#: Look-ahead (m) along the unobstructed route that sets the driving command, and the lateral offset (m) there
+#: that makes it a turn.
+COMMAND_LOOKAHEAD, COMMAND_OFFSET = 20.0, 2.0
+#: Driving commands, in VAD's order (``gt_ego_fut_cmd`` one-hot index).
+COMMANDS = ("right", "left", "straight")
+
+
+@dataclass
+class PlanningScene(Scene):
+    """A scene whose ego drives a route and reacts to what is on it.
+
+    ``Scene``'s fields hold the rendered frames; ``track_*`` hold the ego's drive at every step of
+    ``past`` frames before the first rendered frame to ``future`` frames after the last, so each rendered frame
+    has its past and its future. ``track_speed`` is the speed along the route, ``curvature`` the route's
+    (1/m). ``brake_time`` (s, rendered frame 0 at t = 0) is when the ego starts braking for the obstacle,
+    ``inf`` in a scene with nothing in its way; ``obstacle`` is the index of that object (-1: none).
+    """
+
+    track_xy: np.ndarray = None  # (past + F + future, 2) world
+    track_yaw: np.ndarray = None
+    track_speed: np.ndarray = None
+    curvature: float = 0.0
+    past: int = 0
+    future: int = 0
+    brake_time: float = math.inf
+    obstacle: int = -1
+
+    def _step(self, frame: int, offset: int) -> int:
+        return self.past + frame + offset
+
+    def ego_points(self, frame: int, offsets: range) -> np.ndarray:
+        """(len(offsets), 2) the ego's positions ``offsets`` steps from ``frame``, in ``frame``'s ego frame."""
+        steps = [self._step(frame, k) for k in offsets]
+        return self._to_ego(frame, self.track_xy[steps])
+
+    def _to_ego(self, frame: int, world: np.ndarray) -> np.ndarray:
+        c, s = math.cos(self.ego_yaw[frame]), math.sin(self.ego_yaw[frame])
+        return (world - self.ego_xy[frame]) @ np.array([[c, s], [-s, c]]).T
+
+    def speed(self, frame: int) -> float:
+        return float(self.track_speed[self._step(frame, 0)])
+
+    def acceleration(self, frame: int) -> float:
+        """Backward difference of the speed over the last step (m/s^2), as a CAN bus would report it."""
+        step = self._step(frame, 0)
+        return float(self.track_speed[step] - self.track_speed[step - 1]) / self.dt
+
+    def yaw_rate(self, frame: int) -> float:
+        return self.curvature * self.speed(frame)
+
+    def agent_futures(self, frame: int) -> np.ndarray:
+        """(K, future, 5) every object's box ``x, y, w, l, yaw`` at the ``future`` steps after ``frame``, in
+        ``frame``'s ego frame (where the planned waypoints are)."""
+        times = (frame + np.arange(1, self.future + 1)) * self.dt
+        world = self.start_xy[:, None] + self.velocity[:, None] * times[None, :, None]  # (K, H, 2)
+        xy = self._to_ego(frame, world.reshape(-1, 2)).reshape(len(self.classes), self.future, 2)
+        yaw = np.broadcast_to(_wrap(self.yaw - self.ego_yaw[frame])[:, None], xy.shape[:2])
+        wl = np.broadcast_to(self.sizes[:, None, :2], (*xy.shape[:2], 2))
+        return np.concatenate([xy, wl, yaw[..., None]], axis=-1)
+
+    def command(self, frame: int) -> int:
+        """Index into ``COMMANDS``: where the route (not the ego's reaction) goes, ``COMMAND_LOOKAHEAD`` metres on."""
+        lateral = _arc(0.0, self.curvature, np.array([COMMAND_LOOKAHEAD]))[0, 1]
+        if lateral > COMMAND_OFFSET:
+            return COMMANDS.index("left")
+        if lateral < -COMMAND_OFFSET:
+            return COMMANDS.index("right")
+        return COMMANDS.index("straight")
+
+
+def _arc(yaw0: float, curvature: float, s: np.ndarray) -> np.ndarray:
+    """(len(s), 2) points at arc lengths ``s`` along a circle of ``curvature`` from the origin, heading ``yaw0``."""
+    if abs(curvature) < 1e-6:
+        return np.stack([s * math.cos(yaw0), s * math.sin(yaw0)], axis=1)
+    yaw = yaw0 + curvature * s
+    return np.stack(
+        [(np.sin(yaw) - math.sin(yaw0)) / curvature, -(np.cos(yaw) - math.cos(yaw0)) / curvature], axis=1
+    )
+
+
+def _braking_profile(t: np.ndarray, speed: float, brake_time: float) -> tuple[np.ndarray, np.ndarray]:
+    """Arc length and speed at times ``t``: cruise at ``speed``, from ``brake_time`` brake at ``BRAKE_DECEL``."""
+    tau = np.clip(t - brake_time, 0.0, speed / BRAKE_DECEL)
+    arc = speed * np.minimum(t, brake_time) + speed * tau - 0.5 * BRAKE_DECEL * tau**2
+    return arc, np.where(t < brake_time, speed, speed - BRAKE_DECEL * tau)
+
+
+def make_planning_scene(
+    rng: np.random.Generator,
+    class_names: tuple[str, ...],
+    *,
+    num_frames: int,
+    num_objects: int,
+    radius: float,
+    past: int = 4,
+    future: int = 6,
+    dt: float = 0.5,
+    reactive: float = 0.5,
+) -> PlanningScene:
+    """A scene where the ego's future depends on what the cameras see.
+
+    The ego cruises a route of constant curvature at a constant speed. With probability ``reactive`` something
+    stands in its way: a stopped vehicle in the lane, or a pedestrian who crosses it just when the ego would
+    pass; the ego then brakes at ``BRAKE_DECEL`` to stop ``STOP_GAP`` metres short of it. The braking starts
+    somewhere in the rendered frames, so key frames before it have a plain constant-velocity past and a future
+    that is not: only the obstacle, seen in the cameras, tells them apart from the scenes with a free road.
+    Other objects keep clear of the whole route, so the obstacle is the only reason to deviate.
+    """
+    speed = float(rng.uniform(2.5, 6.0))  # <= 6 m/s: a stop that starts within 2 s is inside +-25.6 m
+    curvature = float(rng.uniform(-0.03, 0.03)) if rng.uniform() < 0.5 else float(rng.uniform(-0.004, 0.004))
+    yaw0 = float(rng.uniform(-np.pi, np.pi))
+    t = np.arange(-past, num_frames + future) * dt
+    vehicles = [c for c in ("car", "truck", "bus") if c in class_names]
+    kinds = [k for k, ok in (("vehicle", vehicles), ("pedestrian", "pedestrian" in class_names)) if ok]
+    brake_time, kind = math.inf, None
+    if kinds and rng.uniform() < reactive:
+        kind = kinds[int(rng.integers(len(kinds)))]
+        brake_time = float(rng.uniform(0.0, (num_frames - 0.5) * dt))
+    arc, track_speed = _braking_profile(t, speed, brake_time)
+    track_xy = _arc(yaw0, curvature, arc)
+    route_xy = _arc(yaw0, curvature, speed * t)  # where the ego would drive with a free road
+    zero = past  # step of rendered frame 0
+    track_xy = track_xy - track_xy[zero]
+    route_xy = route_xy - route_xy[zero]
+    track_yaw = yaw0 + curvature * (arc - arc[zero])
+    fixed: tuple[list, ...] = ([], [], [], [], [])
+    if kind is not None:
+        _add_obstacle(rng, class_names, kind, vehicles, speed, brake_time, yaw0, curvature, arc[zero], fixed)
+    rendered = slice(zero, zero + num_frames)
+    centre = track_xy[zero + num_frames // 2]
+    classes, sizes, starts, yaws, velocities = _place_tracks(
+        rng, class_names, num_objects, centre, radius, t, 0.0, [track_xy, route_xy], fixed
+    )
+    return PlanningScene(
+        ego_xy=track_xy[rendered],
+        ego_yaw=track_yaw[rendered],
+        ego_speed=speed,
+        ego_yaw_rate=curvature * speed,
+        classes=np.array(classes, dtype=np.int64),
+        sizes=np.array(sizes, dtype=np.float64).reshape(-1, 3),
+        start_xy=np.array(starts, dtype=np.float64).reshape(-1, 2),
+        yaw=np.array(yaws, dtype=np.float64),
+        velocity=np.array(velocities, dtype=np.float64).reshape(-1, 2),
+        dt=dt,
+        class_names=tuple(class_names),
+        track_xy=track_xy,
+        track_yaw=track_yaw,
+        track_speed=track_speed,
+        curvature=curvature,
+        past=past,
+        future=future,
+        brake_time=brake_time,
+        obstacle=0 if kind is not None else -1,
+    )
+
+
+def _add_obstacle(
+    rng: np.random.Generator,
+    class_names: tuple[str, ...],
+    kind: str,
+    vehicles: list[str],
+    speed: float,
+    brake_time: float,
+    yaw0: float,
+    curvature: float,
+    arc_origin: float,
+    fixed: tuple[list, ...],
+) -> None:
+    """Append the object the ego brakes for to ``fixed``; world frame with rendered frame 0's ego at the origin."""
+    stop_arc = speed * brake_time + speed**2 / (2 * BRAKE_DECEL) - arc_origin
+    name = vehicles[int(rng.integers(len(vehicles)))] if kind == "vehicle" else "pedestrian"
+    size = np.array(CLASS_STYLE[name][0]) * rng.uniform(0.9, 1.1, size=3)
+    at = stop_arc + EGO_SIZE[1] / 2 + STOP_GAP + size[1 if kind == "vehicle" else 0] / 2
+    centre = _arc(yaw0, curvature, np.array([at]))[0]
+    heading = yaw0 + curvature * at
+    if kind == "vehicle":
+        yaw, velocity, start = heading, np.zeros(2), centre
+    else:  # crosses the lane, at its middle when the ego would have got there at its cruising speed
+        side = 1.0 if rng.uniform() < 0.5 else -1.0
+        yaw = heading + side * np.pi / 2
+        walk = float(rng.uniform(0.8, 1.4))
+        velocity = walk * np.array([math.cos(yaw), math.sin(yaw)])
+        start = centre - velocity * ((at + arc_origin) / speed + rng.uniform(-0.5, 0.5))
+    for values, value in zip(fixed, (class_names.index(name), size, start, float(yaw), velocity)):
+        values.append(value)
 
 
 _SUN = np.array([0.35, 0.25, 0.9]) / np.linalg.norm([0.35, 0.25, 0.9])

@@ -151,6 +151,14 @@ MODELS: tuple[ModelEntry, ...] = (
         parameters=1165472,
     ),
     ModelEntry(
+        "bevformer_planning",
+        "bev/bevformer_planning.yaml",
+        "end-to-end-planning",
+        "BEVFormer (bevformer_cpu) + a VAD-style planning head, detection and planning trained jointly on the "
+        "synthetic scenes where the ego brakes for obstacles",
+        parameters=1286340,
+    ),
+    ModelEntry(
         "bevformer_tiny",
         "bev/sizes/bevformer_tiny.yaml",
         "multi-camera-3d-detection",
@@ -292,7 +300,7 @@ CLASS_MODULES: dict[str, str] = {
         "zoo.multitask",
     ),
     **dict.fromkeys(["MultitaskDataModule"], "zoo.datamodules.multitask"),
-    **dict.fromkeys(["BEVFormerDetector"], "zoo.bev"),
+    **dict.fromkeys(["BEVFormerDetector", "BEVFormerPlanner", "EgoStatusPlanner"], "zoo.bev"),
     **dict.fromkeys(["BEVDetectionDataModule"], "zoo.datamodules.bev"),
     **dict.fromkeys(
         [

@@ -186,8 +186,9 @@ class BEVFormer(nn.Module):
             prev_exists,
         )
 
-    def detect(self, bev: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """BEV (B, H*W, C) -> per decoder layer: logits (B, Q, classes), codes (B, Q, 10)."""
+    def detect(self, bev: torch.Tensor, return_queries: bool = False) -> tuple:
+        """BEV (B, H*W, C) -> per decoder layer: logits (B, Q, classes), codes (B, Q, 10); and, with
+        ``return_queries``, the last layer's queries (B, Q, C), which a planner attends to as agents."""
         batch = bev.shape[0]
         query_pos, query = self.query_embedding.weight.split(self.config.embed_dims, dim=-1)
         query_pos, query = query_pos[None].expand(batch, -1, -1), query[None].expand(batch, -1, -1)
@@ -198,7 +199,8 @@ class BEVFormer(nn.Module):
         outputs, references = self.decoder(
             query, query_pos, bev, (self.config.bev_h, self.config.bev_w), reference, self.head.reg_branches
         )
-        return self.head(outputs, references)
+        logits, codes = self.head(outputs, references)
+        return (logits, codes, outputs[-1]) if return_queries else (logits, codes)
 
     # ---------------------------------------------------------------- forward
     def history_bev(
@@ -231,6 +233,16 @@ class BEVFormer(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``images`` (B, T, N, 3, H, W): a queue of T frames, the last one detected; ``lidar2img`` (B, T, N, 4, 4);
         ``can_bus`` (B, T, 18); ``prev_exists`` (B, T) bool, whether frame t continues frame t-1."""
+        return self.detect(self.encode(images, lidar2img, can_bus, prev_exists))
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        lidar2img: torch.Tensor,
+        can_bus: torch.Tensor,
+        prev_exists: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last frame's BEV (B, H*W, C) from a queue, as ``forward`` takes it."""
         if images.dim() != 6:
             raise ValueError(f"images must be (B, T, cameras, 3, H, W), got {tuple(images.shape)}")
         batch, frames = images.shape[:2]
@@ -238,11 +250,10 @@ class BEVFormer(nn.Module):
             prev_exists = torch.ones(batch, frames, dtype=torch.bool, device=images.device)
             prev_exists[:, 0] = False
         prev = self.history_bev(images[:, :-1], lidar2img[:, :-1], can_bus[:, :-1], prev_exists)
-        bev = self.bev_features(
+        return self.bev_features(
             images[:, -1],
             lidar2img[:, -1],
             can_bus[:, -1],
             prev,
             prev_exists[:, -1] if prev is not None else None,
         )
-        return self.detect(bev)

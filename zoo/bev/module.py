@@ -190,8 +190,12 @@ class BEVFormerDetector(ZooModule):
         - ``"top_down"``: a ``PIL.Image`` of the BEV range, predictions filled in their class colour with
           opacity = score, ground truth outlined (``zoo.bev.records.draw_top_down``).
         """
+        return self._records(batch, self.predict(batch))
+
+    def _records(self, batch: dict, predictions: list[dict[str, torch.Tensor]]) -> list[dict]:
+        """``predict_step``'s records from the decoded boxes of each sample."""
         records = []
-        for n, pred in enumerate(self.predict(batch)):
+        for n, pred in enumerate(predictions):
             boxes, labels, scores = pred["boxes"].cpu(), pred["labels"].cpu(), pred["scores"].cpu()
             attributes = default_attributes(labels, boxes, self.class_names).tolist()
             token, pose = batch["token"][n], batch["lidar2global"][n].cpu().double().numpy()

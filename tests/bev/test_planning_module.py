@@ -1,0 +1,148 @@
+"""BEVFormerPlanner under the module contract: joint or frozen-perception training, the planning metrics next to
+the detection ones, a plan in each predict record, its config; and (slow) it learns to beat constant velocity
+where the ego reacts to what it sees."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from zoo.bev import BEVFormerDetector, BEVFormerPlanner, EgoStatusPlanner, PlanningMetric
+from zoo.bev.trajectory import constant_velocity_plan
+from zoo.cli import ZooCLI
+from zoo.datamodules import BEVDetectionDataModule
+from zoo.datamodules.bev import collate_bev
+
+from ..conftest import CONFIGS, TINY_BEV_ARGS
+
+SMALL_MODEL = {"num_query": 20, "bev_h": 12, "bev_w": 12, "encoder_layers": 1, "decoder_layers": 2}
+
+
+def small_data(**kwargs) -> BEVDetectionDataModule:
+    options = {"batch_size": 2, "img_size": (32, 56), "queue_length": 2, "train_scenes": 1, "val_scenes": 1,
+               "test_scenes": 1, "frames_per_scene": 2, "num_objects": 8, "planning": True, **kwargs}  # fmt: skip
+    return BEVDetectionDataModule(**options)
+
+
+def small_planner(data: BEVDetectionDataModule, **kwargs) -> BEVFormerPlanner:
+    return BEVFormerPlanner(model_kwargs=SMALL_MODEL, class_names=data.class_names,
+                            point_cloud_range=data.point_cloud_range, **kwargs)  # fmt: skip
+
+
+def batch_of(data: BEVDetectionDataModule) -> dict:
+    data.setup("fit")
+    return collate_bev([data.train_set[0], data.train_set[1]])
+
+
+def test_forward_plans_from_the_example_inputs(single_thread):
+    model = BEVFormerPlanner(model_kwargs=SMALL_MODEL).eval()
+    inputs = model.example_inputs(batch_size=3)
+    logits, codes, waypoints = model(*inputs)
+    assert logits[-1].shape == (3, 20, 5) and codes[-1].shape == (3, 20, 10) and waypoints.shape == (3, 6, 2)
+    # untrained, the head's residual is zero: the plan is the ego's constant velocity
+    assert torch.allclose(waypoints, constant_velocity_plan(inputs[4][:, 8], inputs[4][:, 9]))
+
+
+def test_joint_training_updates_perception_and_planner(single_thread):
+    data = small_data()
+    model = small_planner(data, loss_weights={"plan_collision": 1.0})
+    losses, *_ = model._losses(batch_of(data))
+    assert set(losses) >= {"loss", "loss_det", "loss_plan_l1", "loss_plan_col", "loss_cls", "loss_bbox"}
+    expected = losses["loss_det"] + losses["loss_plan_l1"] + losses["loss_plan_col"]
+    assert torch.allclose(losses["loss"], expected)
+    losses["loss"].backward()
+    assert model.planner.ego.trajectory[-1].weight.grad.abs().sum() > 0
+    assert model.model.bev_embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown keys"):
+        small_planner(data, loss_weights={"plan": 1.0})
+
+
+def test_frozen_perception_loads_a_detector_and_trains_only_the_planner(
+    tmp_path, make_trainer, single_thread
+):
+    data = small_data()
+    detector = BEVFormerDetector(model_kwargs=SMALL_MODEL, class_names=data.class_names,
+                                 point_cloud_range=data.point_cloud_range)  # fmt: skip
+    trainer = make_trainer(max_steps=1)
+    trainer.fit(detector, data)
+    trainer.save_checkpoint(tmp_path / "detector.ckpt")
+    model = small_planner(data, perception=str(tmp_path / "detector.ckpt"))
+    for key, value in detector.model.state_dict().items():
+        assert torch.equal(model.model.state_dict()[key], value), key
+    assert not any(p.requires_grad for p in model.model.parameters())
+    losses, *_ = model._losses(batch_of(data))
+    assert torch.allclose(losses["loss"], losses["loss_plan_l1"] + 0.5 * losses["loss_plan_col"])
+    losses["loss"].backward()
+    assert model.planner.ego.trajectory[-1].weight.grad is not None
+    with pytest.raises(FileNotFoundError, match="perception checkpoint"):
+        small_planner(data, perception=str(tmp_path / "missing.ckpt"))
+
+
+def test_validation_logs_detection_and_planning_metrics(make_trainer, single_thread):
+    data = small_data()
+    trainer = make_trainer(limit_val_batches=1)
+    results = trainer.validate(small_planner(data), data, verbose=False)[0]
+    assert {"val/mAP", "val/NDS", "val/plan_L2_3s", "val/plan_col_3s", "val/plan_L2_avg_3s",
+            "val/plan_reactive_L2_3s", "val/plan_reactive_col_3s"} <= set(results)  # fmt: skip
+    assert set(trainer.progress_bar_metrics) == {"val/mAP", "val/plan_L2_3s"}
+
+
+def test_predict_records_carry_the_plan(make_trainer, single_thread):
+    data = small_data()
+    records = make_trainer().predict(small_planner(data), data)[0]
+    assert len(records[0]["plan"]) == 6 and len(records[0]["plan"][0]) == 2
+    assert {"id", "boxes", "top_down"} <= set(records[0])
+    detection_only = small_data(planning=False)
+    detection_only.setup("fit")
+    with pytest.raises(ValueError, match="planning=true"):
+        small_planner(data).predict(collate_bev([detection_only.train_set[0]]))
+
+
+def test_ego_status_planner_trains_on_the_same_batches(make_trainer, single_thread):
+    data = small_data(train_scenes=2, frames_per_scene=4)
+    model = EgoStatusPlanner(hidden=32)
+    trainer = make_trainer(max_steps=4, limit_val_batches=1)
+    trainer.fit(model, data)
+    results = trainer.validate(model, data, verbose=False)[0]
+    assert {"val/plan_L2_3s", "val/plan_reactive_col_3s"} <= set(results)
+    records = trainer.predict(model, data)[0]
+    assert len(records[0]["plan"]) == 6
+
+
+def test_planning_config_runs(tmp_path, single_thread):
+    cli = ZooCLI(args=["fit", "--config", str(CONFIGS / "bev" / "bevformer_planning.yaml"), *TINY_BEV_ARGS,
+                       "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}",
+                       "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert isinstance(cli.model, BEVFormerPlanner) and cli.datamodule.hparams.planning
+    assert cli.model.loss_weights == {"detection": 1.0, "plan_l1": 1.0, "plan_collision": 0.5}
+    assert cli.trainer.global_step == 1
+
+
+@pytest.mark.slow
+def test_short_training_beats_constant_velocity_where_the_ego_reacts(tmp_path):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    data = BEVDetectionDataModule(batch_size=4, img_size=(48, 84), queue_length=1, train_scenes=12, val_scenes=6,
+                                  frames_per_scene=8, num_objects=16, planning=True)  # fmt: skip
+    model = BEVFormerPlanner(
+        model_kwargs={"num_query": 40, "decoder_layers": 2, "encoder_layers": 1, "bev_h": 16, "bev_w": 16},
+        class_names=data.class_names, point_cloud_range=data.point_cloud_range, temporal=False,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
+    )  # fmt: skip
+    common = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+              "default_root_dir": tmp_path}  # fmt: skip
+    trainer = L.Trainer(max_epochs=5, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        gradient_clip_val=35.0, **common)  # fmt: skip
+    trainer.fit(model, data)
+    trained = L.Trainer(**common).validate(model, data, verbose=False)[0]
+    metric = PlanningMetric()  # constant velocity, on the same samples
+    for batch in data.val_dataloader():
+        plan = constant_velocity_plan(batch["ego_status"][:, 8])
+        metric.update(plan, batch["ego_fut"], batch["ego_fut_mask"], batch["agent_fut"], batch["agent_fut_mask"],
+                      batch["reactive"])  # fmt: skip
+    constant = metric.compute()
+    assert trained["val/plan_reactive_L2_3s"] < 0.8 * float(constant["plan_reactive_L2_3s"]), (
+        trained,
+        constant,
+    )

@@ -1,0 +1,184 @@
+"""``BEVFormerPlanner``: BEVFormer with a planning head, trained jointly with detection or on a frozen detector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MetricCollection
+
+from zoo.bev.module import NETWORK_INPUTS, BEVFormerDetector, _key_frame_only
+from zoo.bev.planner import PlanningHead, planning_losses
+from zoo.bev.planning_metrics import PlanningMetric
+from zoo.bev.trajectory import EGO_STATUS_DIMS
+from zoo.errors import MissingFileError, ZooError
+from zoo.optim import WarmupCosineLR
+
+__all__ = ["PLANNER_INPUTS", "BEVFormerPlanner"]
+
+#: Batch entries ``BEVFormerPlanner.forward`` takes, in order.
+PLANNER_INPUTS = (*NETWORK_INPUTS, "ego_status", "ego_command")
+DEFAULT_WEIGHTS = {"detection": 1.0, "plan_l1": 1.0, "plan_collision": 0.5}
+
+
+class BEVFormerPlanner(BEVFormerDetector):
+    """End-to-end driving on BEVFormer: detection plus the ego's 3 s trajectory for a driving command.
+
+    The detector's network stays ``self.model`` (its checkpoints load into it); the planning head
+    (``zoo.bev.planner.PlanningHead``) is ``self.planner`` and reads the BEV and the last decoder layer's queries.
+    The loss is ``detection * L_det + plan_l1 * L1 + plan_collision * L_col`` (``loss_weights``). Validation and
+    test log the detection metrics and the planning ones (``zoo.bev.planning_metrics``: ``val/plan_L2_3s``,
+    ``val/plan_col_3s``, ``val/plan_reactive_L2_3s`` ...).
+
+    Args (besides ``BEVFormerDetector``'s):
+        loss_weights: ``{"detection", "plan_l1", "plan_collision"}`` (missing keys: 1, 1, 0.5).
+        perception: a ``BEVFormerDetector`` checkpoint: its network is loaded and frozen, and only the planner
+            trains (the detection loss is then only logged); ``None`` trains both together.
+        planner_kwargs: ``PlanningHead`` options (``num_heads``, ``layers``).
+    """
+
+    progress_bar_metrics = ("val/mAP", "val/plan_L2_3s")
+
+    def __init__(
+        self,
+        model_name: str = "bevformer_cpu",
+        model_kwargs: dict | None = None,
+        class_names: list[str] | None = None,
+        point_cloud_range: list[float] | None = None,
+        temporal: bool = True,
+        backbone_lr_scale: float = 1.0,
+        max_detections: int = 100,
+        score_threshold: float = 0.0,
+        class_ranges: dict[str, float] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        perception: str | None = None,
+        planner_kwargs: dict | None = None,
+        compile: bool | dict = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
+    ) -> None:
+        unknown = set(loss_weights or {}) - set(DEFAULT_WEIGHTS)
+        if unknown:
+            raise ZooError(
+                f"loss_weights has unknown keys {sorted(unknown)}; expected some of {sorted(DEFAULT_WEIGHTS)}"
+            )
+        super().__init__(
+            model_name, model_kwargs, class_names, point_cloud_range, temporal, backbone_lr_scale,
+            max_detections, score_threshold, class_ranges, compile, optimizer, lr_scheduler,
+        )  # fmt: skip
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        config = self.model.config
+        self.loss_weights = {**DEFAULT_WEIGHTS, **(self.hparams.loss_weights or {})}
+        self.planner = PlanningHead(
+            config.embed_dims, (config.bev_h, config.bev_w), config.point_cloud_range,
+            **(self.hparams.planner_kwargs or {}),
+        )  # fmt: skip
+        if self.hparams.perception is not None:
+            self._load_perception(self.hparams.perception)
+
+    def _load_perception(self, path: str) -> None:
+        if not Path(path).is_file():
+            raise MissingFileError(
+                f"perception checkpoint {path!r} does not exist (a BEVFormerDetector checkpoint)"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        self.model.load_state_dict(network)
+        self.model.requires_grad_(False)
+
+    def configure_metrics(self) -> MetricCollection:
+        """The detector's nuScenes metrics (default group) and the planning metrics (``planning`` group)."""
+        return {"": super().configure_metrics(), "planning": MetricCollection({"planning": PlanningMetric()})}
+
+    @property
+    def frozen_perception(self) -> bool:
+        return self.hparams.perception is not None
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self, images: torch.Tensor, lidar2img: torch.Tensor, can_bus: torch.Tensor, prev_exists: torch.Tensor,
+        ego_status: torch.Tensor, ego_command: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:  # fmt: skip
+        """The detector's inputs plus ``ego_status`` (B, 11) and ``ego_command`` (B,) -> per decoder layer
+        logits and box codes, and the waypoints (B, 6, 2) in the key frame's ego frame."""
+        if not self.hparams.temporal:
+            images, lidar2img, can_bus, prev_exists = _key_frame_only(images, lidar2img, can_bus, prev_exists)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_perception):
+            bev = self.model.encode(images, lidar2img, can_bus, prev_exists)
+            logits, codes, queries = self.model.detect(bev, return_queries=True)
+        scores = logits[-1].sigmoid().amax(dim=-1)
+        waypoints = self.planner(bev, queries, codes[-1][..., :2], scores, ego_status, ego_command)
+        return logits, codes, waypoints
+
+    def example_inputs(self, batch_size: int = 2) -> tuple[torch.Tensor, ...]:
+        """The detector's example inputs, the ego cruising at 5 m/s (past positions 2.5 m apart), go straight."""
+        status = torch.zeros(batch_size, EGO_STATUS_DIMS, device=self.device)
+        status[:, 0:8:2] = torch.tensor([-10.0, -7.5, -5.0, -2.5])
+        status[:, 8] = 5.0
+        command = torch.full((batch_size,), 2, dtype=torch.long, device=self.device)
+        return (*super().example_inputs(batch_size), status, command)
+
+    def predict(self, batch: dict) -> list[dict[str, torch.Tensor]]:
+        """Decoded boxes per sample, and its ``plan`` (6, 2)."""
+        missing = [key for key in PLANNER_INPUTS if key not in batch]
+        if missing:
+            raise ZooError(
+                f"the planner needs {missing} in each sample: give the data module planning=true (info files "
+                "with VAD's planning fields); serving requests carry no ego status, so serve the detector config"
+            )
+        logits, codes, waypoints = self(*(batch[key] for key in PLANNER_INPUTS))
+        return [{**d, "plan": w} for d, w in zip(self._decode(logits[-1], codes[-1]), waypoints)]
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """The detector's record with ``"plan"``: the 6 waypoints ``[[x, y], ...]`` (0.5 ... 3 s ahead, the
+        sample's LiDAR/ego frame, metres)."""
+        predictions = self.predict(batch)
+        records = self._records(batch, predictions)
+        for record, pred in zip(records, predictions):
+            record["plan"] = pred["plan"].cpu().tolist()
+        return records
+
+    # ---------------------------------------------------------------- training
+    def _losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], list, list, torch.Tensor]:
+        logits, codes, waypoints = self(*(batch[key] for key in PLANNER_INPUTS))
+        detection = self.model.head.loss(logits, codes, batch["gt_boxes"], batch["gt_labels"])
+        planning = planning_losses(waypoints, batch)
+        weights = self.loss_weights
+        loss = (
+            weights["plan_l1"] * planning["loss_plan_l1"]
+            + weights["plan_collision"] * planning["loss_plan_col"]
+        )
+        if not self.frozen_perception:
+            loss = loss + weights["detection"] * detection["loss"]
+        losses = {
+            "loss": loss,
+            "loss_det": detection["loss"].detach(),
+            **{k: v.detach() for k, v in planning.items()},
+            **{k: v for k, v in detection.items() if k.startswith("loss_")},
+        }
+        return losses, logits, codes, waypoints
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses, *_ = self._losses(batch)
+        size = batch["images"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, sync_dist=True, batch_size=size)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k.startswith("loss_")}, sync_dist=True,
+                      batch_size=size)  # fmt: skip
+        return losses["loss"]
+
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        losses, logits, codes, waypoints = self._losses(batch)
+        size = batch["images"].shape[0]
+        self.log(f"{stage}/loss", losses["loss"], sync_dist=True, batch_size=size)
+        targets = [
+            {"boxes": b, "labels": lab, "attributes": a}
+            for b, lab, a in zip(batch["gt_boxes"], batch["gt_labels"], batch["gt_attributes"])
+        ]
+        self.update_metrics(stage, self._decode(logits[-1], codes[-1]), targets)
+        self.update_metrics(
+            stage, waypoints, batch["ego_fut"], batch["ego_fut_mask"], batch["agent_fut"],
+            batch["agent_fut_mask"], batch["reactive"], group="planning",
+        )  # fmt: skip
