@@ -3,6 +3,7 @@
 from zoo.datamodules.bev import BEVDetectionDataModule, NuScenesInfoDataset, SyntheticSceneDataset
 from zoo.datamodules.captioned_images import CaptionedImageDataModule
 from zoo.datamodules.images import ImageClassificationDataModule, ImageFolderDataset
+from zoo.datamodules.instance_images import InstanceImageDataModule
 from zoo.datamodules.multitask import MultitaskDataModule
 from zoo.datamodules.protein_labels import ProteinLabelDataModule
 from zoo.datamodules.proteins import ProteinDataModule, TokenBudgetBatchSampler
@@ -14,6 +15,7 @@ __all__ = [
     "CaptionedImageDataModule",
     "ImageClassificationDataModule",
     "ImageFolderDataset",
+    "InstanceImageDataModule",
     "MultitaskDataModule",
     "NuScenesInfoDataset",
     "ProteinDataModule",

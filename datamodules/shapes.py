@@ -22,11 +22,14 @@ from torch.utils.data import Dataset
 
 from zoo.errors import ZooError
 
-__all__ = ["COLOURS", "SHAPES", "SPLITS", "ShapesDataset", "render_shapes"]
+__all__ = ["COLOURS", "NOVEL_COLOURS", "SHAPES", "SPLITS", "ShapesDataset", "render_shapes"]
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230)}
-SPLITS = {"train": 0, "val": 1, "test": 2}
+#: Colours no split of the shapes uses: a shape in one of them is a concept a model trained on the shapes has
+#: never seen (the embedded "instance" of DreamBooth and textual inversion, ``zoo.datamodules.instance_images``).
+NOVEL_COLOURS = {"yellow": (230, 200, 40)}
+SPLITS = {"train": 0, "val": 1, "test": 2, "instance": 3}
 _SUPERSAMPLE = 4
 
 
@@ -91,7 +94,7 @@ def render_shapes(
     radius = scale * big
     margin = radius * 0.9
     cx, cy = (float(v) for v in rng.uniform(margin, big - margin, size=2))
-    base = np.array(COLOURS[colours[colour_id]], dtype=np.float64)
+    base = np.array({**COLOURS, **NOVEL_COLOURS}[colours[colour_id]], dtype=np.float64)
     fill = tuple(int(v) for v in np.clip(base + rng.normal(0, 18, size=3), 0, 255))
     shape = shapes[shape_id]
     if shape == "circle":

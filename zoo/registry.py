@@ -277,6 +277,22 @@ MODELS: tuple[ModelEntry, ...] = (
         "A refiner: ldm_unet_class trained on the low-noise end of the schedule only (SDXL's hand-over)",
         parameters=3850499,
     ),
+    ModelEntry(
+        "dreambooth",
+        "diffusion/dreambooth.yaml",
+        "class-to-image",
+        "DreamBooth: ldm_unet_class fine-tuned on 5 images of a new instance under a new class id, with prior "
+        "preservation",
+        parameters=3850819,
+    ),
+    ModelEntry(
+        "textual_inversion",
+        "diffusion/textual_inversion.yaml",
+        "text-to-image",
+        "Textual inversion: a frozen ldm_unet_caption learns one new word's embedding (diffusers' "
+        "learned_embeds file)",
+        parameters=4988995,
+    ),
 )
 
 
@@ -311,10 +327,14 @@ CLASS_MODULES: dict[str, str] = {
             "ClassConditioning",
             "CaptionConditioning",
             "NoConditioning",
+            "DreamBooth",
+            "TextualInversion",
+            "PriorPreservation",
         ],
         "zoo.diffusion",
     ),
     **dict.fromkeys(["CaptionedImageDataModule"], "zoo.datamodules.captioned_images"),
+    **dict.fromkeys(["InstanceImageDataModule"], "zoo.datamodules.instance_images"),
     **dict.fromkeys(
         [
             "EMA",

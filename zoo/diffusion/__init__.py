@@ -3,7 +3,8 @@
 Stage 1, ``Autoencoder``: a KL or VQ autoencoder trained with L1 (+ LPIPS), KL or codebook loss and a
 PatchGAN. Stage 2, ``LatentDiffusion``: a UNet or DiT denoiser on the frozen autoencoder's latents, built
 from swappable parts (conditioning, objective, sampling, LoRA) and sampled by
-``zoo.diffusion.sampling.sample``; LoRA and ``ControlNetDiffusion`` fine-tune it. See ``zoo/diffusion/README.md``.
+``zoo.diffusion.sampling.sample``; LoRA and ``ControlNetDiffusion`` fine-tune it, ``DreamBooth`` and
+``TextualInversion`` personalise it. See ``zoo/diffusion/README.md``.
 """
 
 from zoo.diffusion.autoencoder import Autoencoder
@@ -17,6 +18,7 @@ from zoo.diffusion.conditioning import (
     NoConditioning,
 )
 from zoo.diffusion.controlnet import ControlNetDiffusion
+from zoo.diffusion.dreambooth import DreamBooth, PriorPreservation
 from zoo.diffusion.losses import AutoencoderLoss, DiscriminatorConfig
 from zoo.diffusion.model import (
     Denoiser,
@@ -30,6 +32,7 @@ from zoo.diffusion.model import (
 from zoo.diffusion.module import LatentDiffusion
 from zoo.diffusion.sampling import SamplingConfig, guided, sample
 from zoo.diffusion.schedules import DiffusionObjective
+from zoo.diffusion.textual_inversion import TextualInversion, load_textual_inversion
 from zoo.lora import LoRAConfig
 
 __all__ = [
@@ -43,18 +46,22 @@ __all__ = [
     "Denoiser",
     "DiffusionObjective",
     "DiscriminatorConfig",
+    "DreamBooth",
     "FirstStage",
     "IdentityFirstStage",
     "LatentDiffusion",
     "LoRAConfig",
     "NoConditioning",
+    "PriorPreservation",
     "SampleGridLogger",
     "SamplingConfig",
+    "TextualInversion",
     "build_autoencoder",
     "build_denoiser",
     "denoise",
     "guided",
     "load_first_stage",
+    "load_textual_inversion",
     "sample",
     "upgrade_checkpoint",
 ]

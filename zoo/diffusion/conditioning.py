@@ -17,6 +17,7 @@ condition dropout substitutes during training and guidance uses as the unconditi
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -156,9 +157,11 @@ class ClassConditioner(nn.Module):
 
     def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> Conditioning:
         labels = labels.long()
-        if (labels < 0).any() or (labels > self.num_classes).any():
+        # rows past the null class are identifiers added by personalisation (zoo.diffusion.dreambooth)
+        if (labels < 0).any() or (labels >= self.embedding.num_embeddings).any():
             raise ValueError(
-                f"class labels must be in [0, {self.num_classes}] (the last is null), got {labels.tolist()}"
+                f"class labels must be in [0, {self.embedding.num_embeddings - 1}] ({self.num_classes} is null), "
+                f"got {labels.tolist()}"
             )
         if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
@@ -310,8 +313,18 @@ class CaptionConditioner(nn.Module):
             self.dim = dim
             self.tokenizer = WordTokenizer(vocabulary, max_length)
             self.encoder = CaptionEncoder(len(self.tokenizer), dim, layers, heads, max_length)
+        #: an added token -> the tokens of its vectors, written out before tokenizing (textual inversion's
+        #: multi-vector placeholders, ``zoo.diffusion.textual_inversion``)
+        self.expansions: dict[str, str] = {}
+
+    def expand(self, caption: str) -> str:
+        """``caption`` with every multi-vector token replaced by its vectors' tokens (whole words only)."""
+        for token, tokens in self.expansions.items():
+            caption = re.sub(rf"(?<![a-z0-9]){re.escape(token)}(?![a-z0-9])", lambda _, t=tokens: t, caption)
+        return caption
 
     def forward(self, captions: list[str]) -> Conditioning:
+        captions = [self.expand(c) for c in captions] if self.expansions else captions
         if self.clip is not None:
             context, mask = self.clip(captions)
         else:

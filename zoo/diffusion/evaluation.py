@@ -21,11 +21,25 @@ __all__ = ["conditional_accuracy", "load_classifier", "load_latent_diffusion"]
 
 
 def load_latent_diffusion(path: str, use_ema: bool = True):
-    """A ``LatentDiffusion``/``ControlNetDiffusion`` checkpoint; with ``use_ema`` its ``zoo.callbacks.EMA`` weights."""
-    from zoo.diffusion import ControlNetDiffusion, LatentDiffusion, upgrade_checkpoint
+    """A ``LatentDiffusion`` checkpoint (or a ``ControlNetDiffusion``, ``DreamBooth``, ``TextualInversion`` one); with
+    ``use_ema`` its ``zoo.callbacks.EMA`` weights."""
+    from zoo.diffusion import (
+        ControlNetDiffusion,
+        DreamBooth,
+        LatentDiffusion,
+        TextualInversion,
+        upgrade_checkpoint,
+    )
 
     checkpoint = upgrade_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
-    cls = ControlNetDiffusion if "control" in checkpoint.get("hyper_parameters", {}) else LatentDiffusion
+    hparams = checkpoint.get("hyper_parameters", {})
+    # the subclasses that build more than LatentDiffusion does, told apart by an argument only they take
+    kinds = {
+        "control": ControlNetDiffusion,
+        "class_labels": DreamBooth,
+        "placeholder_token": TextualInversion,
+    }
+    cls = next((kind for argument, kind in kinds.items() if argument in hparams), LatentDiffusion)
     model = cls.load_from_checkpoint(path, map_location="cpu")
     has_ema = any(key.startswith("EMA") for key in checkpoint.get("callbacks", {}))
     if use_ema and has_ema:

@@ -588,6 +588,17 @@ class LatentDiffusion(ZooModule):
         dropout: float = 0.0,
         training: bool = False,
     ) -> torch.Tensor:
+        return self.per_sample_losses(batch, generator, dropout, training).mean()
+
+    def per_sample_losses(
+        self,
+        batch: dict,
+        generator: torch.Generator | None = None,
+        dropout: float = 0.0,
+        training: bool = False,
+    ) -> torch.Tensor:
+        """(B,) weighted denoising losses, one per image: DreamBooth averages its instance and class halves
+        of one batch apart."""
         images = batch["image"]
         latents = self._training_latents(batch) if training else self.encode(images)
         concat = None
@@ -600,7 +611,7 @@ class LatentDiffusion(ZooModule):
         target = self.objective.target(self.noise_scheduler, latents, noise, timesteps)
         prediction = self.predict(noisy, timesteps, cond, concat, self.control_image(batch))
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_sample * self.objective.weights(self.noise_scheduler, timesteps)).mean()
+        return per_sample * self.objective.weights(self.noise_scheduler, timesteps)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, dropout=self.conditioning.dropout, training=True)
