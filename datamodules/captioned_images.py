@@ -41,7 +41,7 @@ from zoo.datamodules.images import IMAGE_SUFFIXES, _verify_readable
 from zoo.datamodules.shapes import COLOURS, SHAPES, SPLITS, render_shapes
 from zoo.datamodules.splits import SplitDataModule
 from zoo.resume import ResumableDataLoader
-from zoo.serving import RequestCodec, RequestError, integer_field, text_field
+from zoo.serving import RequestCodec, RequestError, class_name, integer_field, model_argument, text_field
 
 __all__ = [
     "CaptionedFolderDataset",
@@ -526,9 +526,10 @@ class PromptRequestCodec(RequestCodec):
     base64 PNG), sampled with the request's seed, or the model's ``sampling.seed`` without one.
 
     Class-conditional models draw classes: ``class`` (a name or an index) is checked against the data's classes
-    here, a ``prompt`` must name one too (the model refuses free text). Caption models take any ``prompt``
-    (their tokenizer keeps its first ``max_length`` tokens, as in ``zoo predict``); ``class`` gives them the
-    caption the data uses for the class.
+    here, and so is a ``prompt`` once ``zoo serve`` has told the codec the model reads no free text
+    (``for_model``): a caption is then refused with 422 naming the classes, instead of failing in the model.
+    Caption models take any ``prompt`` (their tokenizer keeps its first ``max_length`` tokens, as in ``zoo
+    predict``); ``class`` gives them the caption the data uses for the class.
     """
 
     fields = {
@@ -537,10 +538,17 @@ class PromptRequestCodec(RequestCodec):
         "seed": "optional integer >= 0 (default: the model's sampling.seed)",
         "id": "optional name, echoed in the answer",
     }
+    text_fields = ("prompt", "class", "id")
 
-    def __init__(self, class_names: list[str], shapes: bool = False) -> None:
+    def __init__(self, class_names: list[str], shapes: bool = False, captions: bool = True) -> None:
         self.class_names = list(class_names)
         self.shapes = shapes
+        self.captions = captions  # whether the model reads free text (a caption model)
+
+    def for_model(self, model_config) -> PromptRequestCodec:
+        """Class-conditional models (``ClassConditioning``, the default) read class names only."""
+        conditioning = class_name(model_argument(model_config, "conditioning")) or "ClassConditioning"
+        return PromptRequestCodec(self.class_names, self.shapes, captions=conditioning != "ClassConditioning")
 
     def parse(self, payload) -> dict:
         payload = self.check_keys(payload)
@@ -558,6 +566,8 @@ class PromptRequestCodec(RequestCodec):
             item = prompt_item(line, self.class_names, self.shapes)
         except ValueError as error:
             raise RequestError("prompt", str(error)) from None
+        if item["label"] < 0 and not self.captions:
+            raise RequestError("prompt", f"this model is class-conditional: name one of {self._classes()}")
         seed = integer_field(payload, "seed", low=0, high=MAX_SEED)
         if seed is not None:
             item["seed"] = seed
@@ -582,8 +592,12 @@ class PromptRequestCodec(RequestCodec):
             return names[index]
         lookup = {name.lower(): name for name in names}
         if value.strip().lower() not in lookup:
-            shown = ", ".join(repr(n) for n in names[:12]) + (
-                f", ... ({len(names)} in all)" if len(names) > 12 else ""
-            )
-            raise RequestError("class", f"unknown class {value!r}; the classes are {shown}")
+            raise RequestError("class", f"unknown class {value!r}; the classes are {self._classes()}")
         return lookup[value.strip().lower()]
+
+    def _classes(self) -> str:
+        """The class names for a message, the first 12 of a long list."""
+        names = self.class_names
+        return ", ".join(repr(n) for n in names[:12]) + (
+            f", ... ({len(names)} in all)" if len(names) > 12 else ""
+        )

@@ -101,6 +101,27 @@ def test_bad_requests_name_their_field():
     assert "(30 in all)" in str(refused(many, {"class": "dog"}))
 
 
+def test_a_class_conditional_model_refuses_free_text_by_name():
+    codec = CaptionedImageDataModule().request_codec()
+    class_model = codec.for_model(
+        {"init_args": {"conditioning": {"class_path": "zoo.diffusion.ClassConditioning"}}}
+    )
+    refusal = refused(class_model, {"prompt": "a purple elephant"})
+    assert (
+        refusal.field == "prompt" and "class-conditional" in str(refusal) and "'red circle'" in str(refusal)
+    )
+    assert class_model.parse({"prompt": "Red Circle"})["label"] == 0
+    assert codec.for_model({"init_args": {}}).captions is False  # ClassConditioning is the default
+    # a checkpoint's hyper-parameters (dict_kwargs) outrank the config's own arguments
+    caption_model = codec.for_model(
+        {
+            "init_args": {"conditioning": {"class_path": "ClassConditioning"}},
+            "dict_kwargs": {"conditioning": {"class_path": "zoo.diffusion.CaptionConditioning"}},
+        }
+    )
+    assert caption_model.parse({"prompt": "a purple elephant"})["label"] == -1
+
+
 SERVED_CONFIG = [
     "--config", str(CONFIGS / "diffusion" / "ldm_unet_class.yaml"),
     f"--model.init_args.autoencoder={json.dumps(TINY_AE)}",
@@ -146,5 +167,7 @@ def test_the_server_answers_with_the_offline_record_and_refuses_bad_fields(tmp_p
         assert status == 422 and answer["field"] == "class" and "'red circle'" in answer["detail"]
         status, answer = post(f"{url}/predict", {"prompt": "red circle", "seed": "zero"})
         assert status == 422 and answer["field"] == "seed"
+        status, answer = post(f"{url}/predict", {"prompt": "a purple elephant"})
+        assert status == 422 and answer["field"] == "prompt" and "class-conditional" in answer["detail"]
         status, answer = post(f"{url}/predict", {"class": 1, "seed": 1, "id": "again"})
         assert status == 200 and answer["id"] == "again" and answer["prompt"] == "green circle"
