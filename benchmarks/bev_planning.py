@@ -16,6 +16,9 @@ its results into the JSON, so the two BEVFormer trainings can run side by side; 
     OMP_NUM_THREADS=1 python benchmarks/bev_planning.py                       # everything, one process
     OMP_NUM_THREADS=1 python benchmarks/bev_planning.py --parts planner       # one part
     python benchmarks/bev_planning.py --table                                 # the table from the JSON
+
+``--plan-l1`` / ``--plan-collision`` set the planner's loss weights (default: the config's 1 and 0.5) and
+``--results`` another JSON, so other weightings can be measured without overwriting the figures.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from zoo.datamodules import BEVDetectionDataModule
 
 RESULTS = Path(__file__).parent / "results" / "bev_planning.json"
 PARTS = ("planner", "detector", "baselines")
+#: The arguments recorded with the results.
+SETUP = ("epochs", "mlp_epochs", "train_scenes", "test_scenes", "seed", "plan_l1", "plan_collision")
 ROWS = (
     ("const_velocity", "constant velocity"),
     ("const_velocity_yaw_rate", "const. velocity + yaw rate"),
@@ -85,9 +90,8 @@ def bev_kwargs(data: BEVDetectionDataModule) -> dict:
 
 def run_planner(args, data) -> dict:
     L.seed_everything(args.seed)
-    model = BEVFormerPlanner(
-        **bev_kwargs(data), loss_weights={"detection": 1.0, "plan_l1": 1.0, "plan_collision": 0.5}
-    )
+    weights = {"detection": 1.0, "plan_l1": args.plan_l1, "plan_collision": args.plan_collision}
+    model = BEVFormerPlanner(**bev_kwargs(data), loss_weights=weights)
     return {"planner": fit_and_test(args, model, data, args.epochs, "planner")}
 
 
@@ -165,9 +169,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="BEVFormer epochs (the config trains 10)")
     parser.add_argument("--mlp-epochs", type=int, default=40)
     parser.add_argument("--train-scenes", type=int, default=48)
-    parser.add_argument("--test-scenes", type=int, default=16)
+    parser.add_argument("--test-scenes", type=int, default=24, help="the config's test split")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plan-l1", type=float, default=1.0, help="the planner's L1 loss weight")
+    parser.add_argument("--plan-collision", type=float, default=0.5, help="its collision loss weight")
     parser.add_argument("--root", default="runs/bev_planning")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON the parts merge into")
     parser.add_argument("--table", action="store_true", help="print the table from the JSON, train nothing")
     args = parser.parse_args()
     if not args.table:
@@ -177,14 +184,12 @@ def main() -> None:
         runners = {"planner": run_planner, "detector": run_detector, "baselines": run_baselines}
         for part in args.parts.split(","):
             found = runners[part](args, data)
-            results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+            results = json.loads(args.results.read_text()) if args.results.exists() else {}
             results.update(found)
-            results["setup"] = {
-                k: getattr(args, k) for k in ("epochs", "mlp_epochs", "train_scenes", "test_scenes", "seed")
-            }
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=2))
-    print(table(json.loads(RESULTS.read_text())))
+            results["setup"] = {k: getattr(args, k) for k in SETUP}
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=2))
+    print(table(json.loads(args.results.read_text())))
 
 
 if __name__ == "__main__":

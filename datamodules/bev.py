@@ -24,7 +24,9 @@ fields) each item also has, in the key frame's LiDAR/ego frame:
 - ``ego_status`` (11,) ``EGO_STATUS_DIMS``: 4 past positions (oldest first), speed, yaw rate, acceleration;
 - ``agent_fut`` (K, 6, 5) every agent's box ``x, y, w, l, yaw`` at those times, ``agent_fut_mask`` (K, 6);
 - ``reactive`` () bool: the future leaves constant velocity and yaw rate by more than 1 m
-  (``zoo.bev.trajectory.deviates_from_constant_velocity``).
+  (``zoo.bev.trajectory.deviates_from_constant_velocity``). In the embedded scenes every key frame has a
+  constant-velocity past (the ego starts braking only after a scene's last rendered frame), so a reactive
+  sample is one whose future deviates while its past does not: only the cameras can tell it.
 
 Ground truth is filtered as nuScenes and BEVFormer filter it, with the counts kept in ``filter_counts``:
 boxes whose centre lies outside the BEV range are dropped (as ``ObjectRangeFilter``), and so are boxes that

@@ -275,6 +275,9 @@ def _place_tracks(
 #: Deceleration (m/s^2) of the ego's braking for an obstacle: one comfortable value, so when it starts braking
 #: follows from what the cameras show (distance to the obstacle) and its speed.
 BRAKE_DECEL = 2.0
+#: The braking starts this many seconds (at most) after the last rendered frame: the last key frames of a scene
+#: with an obstacle have a constant-velocity past and brake within 1 to 4 s, by 1 to 9 m against cruising.
+BRAKE_WINDOW = 1.0
 #: Bumper-to-obstacle gap (m) the ego stops at.
 STOP_GAP = 2.0
 #: Look-ahead (m) along the unobstructed route that sets the driving command, and the lateral offset (m) there
@@ -381,8 +384,10 @@ def make_planning_scene(
     The ego cruises a route of constant curvature at a constant speed. With probability ``reactive`` something
     stands in its way: a stopped vehicle in the lane, or a pedestrian who crosses it just when the ego would
     pass; the ego then brakes at ``BRAKE_DECEL`` to stop ``STOP_GAP`` metres short of it. The braking starts
-    somewhere in the rendered frames, so key frames before it have a plain constant-velocity past and a future
-    that is not: only the obstacle, seen in the cameras, tells them apart from the scenes with a free road.
+    within ``BRAKE_WINDOW`` seconds after the last rendered frame, so every key frame has a plain
+    constant-velocity past (zero acceleration) and the last ones a future that is not: a key frame already
+    braking would give the reaction away through the ego status, and then the cameras would not be needed.
+    Only the obstacle, seen in the cameras, tells these frames apart from the scenes with a free road.
     Other objects keep clear of the whole route, so the obstacle is the only reason to deviate.
     """
     speed = float(rng.uniform(2.5, 6.0))  # <= 6 m/s: a stop that starts within 2 s is inside +-25.6 m
@@ -394,7 +399,7 @@ def make_planning_scene(
     brake_time, kind = math.inf, None
     if kinds and rng.uniform() < reactive:
         kind = kinds[int(rng.integers(len(kinds)))]
-        brake_time = float(rng.uniform(0.0, (num_frames - 0.5) * dt))
+        brake_time = float(rng.uniform(0.0, BRAKE_WINDOW) + (num_frames - 1) * dt)
     arc, track_speed = _braking_profile(t, speed, brake_time)
     track_xy = _arc(yaw0, curvature, arc)
     route_xy = _arc(yaw0, curvature, speed * t)  # where the ego would drive with a free road

@@ -48,7 +48,7 @@ def test_published_shapes(model_name):
 
 def test_registry_counts_are_the_models():
     entries = {m.name: m for m in MODELS if m.name.startswith("bevformer")}
-    assert set(entries) == {"bevformer_cpu", *PUBLISHED}
+    assert set(entries) == {"bevformer_cpu", "bevformer_planning", *PUBLISHED}
     with torch.device("meta"):
         tiny = BEVFormerDetector("bevformer_tiny", class_names=None)
     assert measure_parameters(entries["bevformer_tiny"].config) == sum(p.numel() for p in tiny.parameters())

@@ -1,5 +1,7 @@
 """Open-loop planning metrics: L2 error and collision rate at 1, 2 and 3 s, on all samples and on the reactive
-ones (where the ego leaves constant velocity and yaw rate, so its own motion cannot tell its future).
+ones: the samples whose future leaves constant velocity and yaw rate by more than 1 m (the data's ``reactive``
+flag). In the embedded planning scenes no key frame is already braking, so a reactive sample's future deviates
+while its past does not, and the ego's own motion cannot tell its future.
 
 Two definitions are in use on nuScenes, and published tables mix them (VAD#47, UniAD#166); both are computed:
 
