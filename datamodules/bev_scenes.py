@@ -206,23 +206,30 @@ def make_scene(
     else:
         ego_xy = np.stack([speed * t * math.cos(yaw0), speed * t * math.sin(yaw0)], axis=1)
     centre = ego_xy[num_frames // 2]
-    classes, sizes, starts, yaws, velocities = _place_tracks(
-        rng, class_names, num_objects, centre, radius, t, t[num_frames // 2], [ego_xy]
-    )
+    tracks = _place_tracks(rng, class_names, num_objects, centre, radius, t, t[num_frames // 2], [ego_xy])
     scene = Scene(
         ego_xy=ego_xy,
         ego_yaw=ego_yaw,
         ego_speed=speed,
         ego_yaw_rate=yaw_rate,
-        classes=np.array(classes, dtype=np.int64),
-        sizes=np.array(sizes, dtype=np.float64).reshape(-1, 3),
-        start_xy=np.array(starts, dtype=np.float64).reshape(-1, 2),
-        yaw=np.array(yaws, dtype=np.float64),
-        velocity=np.array(velocities, dtype=np.float64).reshape(-1, 2),
+        **_track_fields(*tracks),
         dt=dt,
         class_names=tuple(class_names),
     )
     return scene
+
+
+def _track_fields(
+    classes: list, sizes: list, starts: list, yaws: list, velocities: list
+) -> dict[str, np.ndarray]:
+    """``Scene``'s object fields from ``_place_tracks``' lists (empty lists give empty arrays of the right width)."""
+    return {
+        "classes": np.array(classes, dtype=np.int64),
+        "sizes": np.array(sizes, dtype=np.float64).reshape(-1, 3),
+        "start_xy": np.array(starts, dtype=np.float64).reshape(-1, 2),
+        "yaw": np.array(yaws, dtype=np.float64),
+        "velocity": np.array(velocities, dtype=np.float64).reshape(-1, 2),
+    }
 
 
 def _place_tracks(
@@ -412,19 +419,13 @@ def make_planning_scene(
         _add_obstacle(rng, class_names, kind, vehicles, speed, brake_time, yaw0, curvature, arc[zero], fixed)
     rendered = slice(zero, zero + num_frames)
     centre = track_xy[zero + num_frames // 2]
-    classes, sizes, starts, yaws, velocities = _place_tracks(
-        rng, class_names, num_objects, centre, radius, t, 0.0, [track_xy, route_xy], fixed
-    )
+    tracks = _place_tracks(rng, class_names, num_objects, centre, radius, t, 0.0, [track_xy, route_xy], fixed)
     return PlanningScene(
         ego_xy=track_xy[rendered],
         ego_yaw=track_yaw[rendered],
         ego_speed=speed,
         ego_yaw_rate=curvature * speed,
-        classes=np.array(classes, dtype=np.int64),
-        sizes=np.array(sizes, dtype=np.float64).reshape(-1, 3),
-        start_xy=np.array(starts, dtype=np.float64).reshape(-1, 2),
-        yaw=np.array(yaws, dtype=np.float64),
-        velocity=np.array(velocities, dtype=np.float64).reshape(-1, 2),
+        **_track_fields(*tracks),
         dt=dt,
         class_names=tuple(class_names),
         track_xy=track_xy,
