@@ -73,6 +73,10 @@ def test_frozen_perception_loads_a_detector_and_trains_only_the_planner(
     assert torch.allclose(losses["loss"], losses["loss_plan_l1"] + 0.5 * losses["loss_plan_col"])
     losses["loss"].backward()
     assert model.planner.ego.trajectory[-1].weight.grad is not None
+    assert not model.train().model.training and model.planner.training
+    make_trainer(max_steps=2).fit(model, data)  # buffers too (BatchNorm statistics) stay the detector's
+    for key, value in detector.model.state_dict().items():
+        assert torch.equal(model.model.state_dict()[key], value), key
     with pytest.raises(FileNotFoundError, match="perception checkpoint"):
         small_planner(data, perception=str(tmp_path / "missing.ckpt"))
 

@@ -87,7 +87,7 @@ class BEVFormerPlanner(BEVFormerDetector):
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         network = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         self.model.load_state_dict(network)
-        self.model.requires_grad_(False)
+        self.model.requires_grad_(False).eval()
 
     def configure_metrics(self) -> MetricCollection:
         """The detector's nuScenes metrics (default group) and the planning metrics (``planning`` group)."""
@@ -96,6 +96,14 @@ class BEVFormerPlanner(BEVFormerDetector):
     @property
     def frozen_perception(self) -> bool:
         return self.hparams.perception is not None
+
+    def train(self, mode: bool = True) -> BEVFormerPlanner:
+        """A frozen detector stays in eval mode while the planner trains: in train mode its BatchNorm statistics
+        would still follow the batches (and its dropout draw), so "frozen" perception would drift."""
+        super().train(mode)
+        if self.frozen_perception:
+            self.model.eval()
+        return self
 
     # ----------------------------------------------------------------- forward
     def forward(
