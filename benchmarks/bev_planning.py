@@ -39,7 +39,16 @@ from zoo.datamodules import BEVDetectionDataModule
 RESULTS = Path(__file__).parent / "results" / "bev_planning.json"
 PARTS = ("planner", "detector", "baselines")
 #: The arguments recorded with the results.
-SETUP = ("epochs", "mlp_epochs", "train_scenes", "test_scenes", "seed", "plan_l1", "plan_collision")
+SETUP = (
+    "epochs",
+    "mlp_epochs",
+    "train_scenes",
+    "test_scenes",
+    "seed",
+    "plan_l1",
+    "plan_collision",
+    "plan_l1_beta",
+)
 ROWS = (
     ("const_velocity", "constant velocity"),
     ("const_velocity_yaw_rate", "const. velocity + yaw rate"),
@@ -91,7 +100,7 @@ def bev_kwargs(data: BEVDetectionDataModule) -> dict:
 def run_planner(args, data) -> dict:
     L.seed_everything(args.seed)
     weights = {"detection": 1.0, "plan_l1": args.plan_l1, "plan_collision": args.plan_collision}
-    model = BEVFormerPlanner(**bev_kwargs(data), loss_weights=weights)
+    model = BEVFormerPlanner(**bev_kwargs(data), loss_weights=weights, plan_l1_beta=args.plan_l1_beta)
     return {"planner": fit_and_test(args, model, data, args.epochs, "planner")}
 
 
@@ -116,7 +125,9 @@ def constant_velocity_metrics(data: BEVDetectionDataModule, yaw_rate: bool) -> d
 
 def run_baselines(args, data) -> dict:
     L.seed_everything(args.seed)
-    mlp = EgoStatusPlanner(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01))
+    mlp = EgoStatusPlanner(
+        plan_l1_beta=args.plan_l1_beta, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01)
+    )
     return {
         "const_velocity": constant_velocity_metrics(data, yaw_rate=False),
         "const_velocity_yaw_rate": constant_velocity_metrics(data, yaw_rate=True),
@@ -173,6 +184,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plan-l1", type=float, default=1.0, help="the planner's L1 loss weight")
     parser.add_argument("--plan-collision", type=float, default=0.5, help="its collision loss weight")
+    parser.add_argument(
+        "--plan-l1-beta", type=float, default=1.0, help="Huber width (m) of the waypoint L1, 0: L1"
+    )
     parser.add_argument("--root", default="runs/bev_planning")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON the parts merge into")
     parser.add_argument("--table", action="store_true", help="print the table from the JSON, train nothing")

@@ -156,7 +156,7 @@ MODELS: tuple[ModelEntry, ...] = (
         "end-to-end-planning",
         "BEVFormer (bevformer_cpu) + a VAD-style planning head, detection and planning trained jointly on the "
         "synthetic scenes where the ego brakes for obstacles",
-        parameters=1286340,
+        parameters=1336020,
     ),
     ModelEntry(
         "bevformer_tiny",

@@ -10,8 +10,14 @@ import torch
 
 from zoo.bev import EgoStatusMLP, PlanningHead, PlanningMetric
 from zoo.bev.control import pure_pursuit
-from zoo.bev.planner import collision_loss, pad_agents, planning_losses
-from zoo.bev.trajectory import boxes_overlap, constant_velocity_plan, ego_boxes, waypoint_headings
+from zoo.bev.planner import CONFLICT_TIMES, collision_loss, pad_agents, planning_losses, route_features
+from zoo.bev.trajectory import (
+    boxes_overlap,
+    constant_velocity_plan,
+    ego_boxes,
+    route_coordinates,
+    waypoint_headings,
+)  # fmt: skip
 
 
 def test_constant_velocity_plans():
@@ -24,6 +30,36 @@ def test_constant_velocity_plans():
         torch.linalg.vector_norm(turn[0] - centre, dim=-1), torch.full((6,), 10.0), atol=1e-5
     )
     assert not turn[1].any()  # standing still, whatever the yaw rate
+
+
+def test_route_coordinates_follow_the_arc_the_ego_drives():
+    speed, yaw_rate = (
+        torch.tensor([5.0, 5.0, 5.0]),
+        torch.tensor([0.25, -0.25, 0.0]),
+    )  # radius 20 m, left/right
+    on_route = constant_velocity_plan(speed, yaw_rate)
+    along, offset, heading = route_coordinates(on_route, speed, yaw_rate)
+    assert torch.allclose(along, torch.arange(1.0, 7.0).expand(3, 6) * 2.5, atol=1e-4)
+    assert offset.abs().max() < 1e-4
+    assert torch.allclose(heading, along * (yaw_rate / speed)[:, None])
+    # 1 m to the left of the route (towards the left turn's centre, away from the right turn's)
+    left = on_route + torch.stack([-torch.sin(heading), torch.cos(heading)], -1)
+    assert torch.allclose(route_coordinates(left, speed, yaw_rate)[1], torch.ones(3, 6), atol=1e-4)
+
+
+def test_route_features_tell_an_obstacle_from_traffic_that_clears_the_way():
+    """A car stopped in the lane stays on the route while the gap to the ego closes at its speed; a pedestrian
+    walking towards the route reaches it; a car driving ahead at the ego's speed keeps its gap."""
+    status = torch.zeros(1, 11)
+    status[0, 8] = 5.0  # straight on at 5 m/s
+    motion = torch.tensor([[[20.0, 0.0, 0.0, 0.0], [15.0, -3.0, 0.0, 1.0], [10.0, 0.0, 5.0, 0.0]]])
+    features = route_features(motion, status)[0]
+    gaps, offsets = features[:, 0:-3:3] * 10, features[:, 1:-3:3] * 2
+    times = torch.tensor(CONFLICT_TIMES)
+    assert torch.allclose(gaps[0], 20.0 - 5.0 * times) and not offsets[0].any()
+    assert torch.allclose(offsets[1], -3.0 + times) and offsets[1, 3] == 0
+    assert torch.allclose(gaps[2], torch.full_like(times, 10.0))
+    assert features[1, -1] > 0 and features[0, -1] == 0  # closing in on the route
 
 
 def test_box_overlap_is_exact_for_rotated_boxes():
@@ -103,6 +139,34 @@ def test_planning_losses_mask_invalid_waypoints():
     assert losses["loss_plan_l1"] == 0 and losses["loss_plan_col"] == 0
 
 
+def test_the_waypoint_loss_is_l1_far_from_the_target_and_fades_near_it():
+    """Far off, every sample pulls with L1's unit gradient; within ``l1_beta`` the pull shrinks with the error,
+    so the many samples already on the constant-velocity prior stop drowning the few that must react."""
+    batch = {"ego_fut": torch.zeros(1, 6, 2), "ego_fut_mask": torch.ones(1, 6)}
+    batch["agent_fut"], batch["agent_fut_mask"] = [torch.zeros(0, 6, 5)], [torch.zeros(0, 6)]
+    for error, beta, loss, grad in ((3.0, 1.0, 2.5, 1.0), (0.1, 1.0, 0.005, 0.1), (0.1, 0.0, 0.1, 1.0)):
+        pred = torch.zeros(1, 6, 2)
+        pred[..., 0] = error
+        pred.requires_grad_(True)
+        value = planning_losses(pred, batch, l1_beta=beta)["loss_plan_l1"]
+        value.backward()
+        assert value.item() == pytest.approx(loss)
+        assert pred.grad[0, 0, 0].item() * 6 == pytest.approx(grad)
+
+
+def test_the_head_reads_the_agents_velocities():
+    """A pedestrian about to cross is told from one standing by its velocity alone."""
+    torch.manual_seed(0)
+    head = PlanningHead(32, (8, 8), (-25.6, -25.6, -1.0, 25.6, 25.6, 4.0), num_heads=2)
+    torch.nn.init.normal_(head.ego.trajectory[-1].weight, std=0.1)
+    motion = torch.zeros(1, 10, 4)
+    moving = motion.clone()
+    moving[0, 3, 2:] = torch.tensor([0.0, -1.2])
+    inputs = (torch.randn(1, 64, 32), torch.randn(1, 10, 32))
+    rest = (torch.rand(1, 10), torch.zeros(1, 11), torch.tensor([2]))
+    assert not torch.allclose(head(*inputs, motion, *rest), head(*inputs, moving, *rest))
+
+
 def test_untrained_heads_plan_constant_velocity_and_yaw_rate_per_command():
     status = torch.zeros(3, 11)
     status[:, 8], status[:, 9] = 5.0, torch.tensor([0.0, 0.2, -0.2])
@@ -110,7 +174,7 @@ def test_untrained_heads_plan_constant_velocity_and_yaw_rate_per_command():
     expected = constant_velocity_plan(status[:, 8], status[:, 9])
     assert torch.allclose(EgoStatusMLP()(status, command), expected)
     head = PlanningHead(32, (8, 8), (-25.6, -25.6, -1.0, 25.6, 25.6, 4.0), num_heads=2)
-    plan = head(torch.randn(3, 64, 32), torch.randn(3, 10, 32), torch.randn(3, 10, 2), torch.rand(3, 10), status,
+    plan = head(torch.randn(3, 64, 32), torch.randn(3, 10, 32), torch.randn(3, 10, 4), torch.rand(3, 10), status,
                 command)  # fmt: skip
     assert torch.allclose(plan, expected)
 
@@ -119,7 +183,7 @@ def test_the_head_reads_the_bev_and_the_command():
     torch.manual_seed(0)
     head = PlanningHead(32, (8, 8), (-25.6, -25.6, -1.0, 25.6, 25.6, 4.0), num_heads=2)
     torch.nn.init.normal_(head.ego.trajectory[-1].weight, std=0.1)
-    status, agents = torch.zeros(1, 11), (torch.randn(1, 10, 32), torch.randn(1, 10, 2), torch.rand(1, 10))
+    status, agents = torch.zeros(1, 11), (torch.randn(1, 10, 32), torch.randn(1, 10, 4), torch.rand(1, 10))
     bev = torch.randn(1, 64, 32, requires_grad=True)
     straight = head(bev, *agents, status, torch.tensor([2]))
     straight.sum().backward()

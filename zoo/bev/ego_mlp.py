@@ -44,6 +44,7 @@ class EgoStatusPlanner(ZooModule):
     Args:
         hidden, layers: the MLP's width and depth.
         loss_weights: ``{"plan_l1", "plan_collision"}`` as ``BEVFormerPlanner``'s (defaults 1 and 0.5).
+        plan_l1_beta: the waypoint loss's Huber width (m), as ``BEVFormerPlanner``'s.
     """
 
     progress_bar_metrics = ("val/plan_L2_3s",)
@@ -53,6 +54,7 @@ class EgoStatusPlanner(ZooModule):
         hidden: int = 128,
         layers: int = 2,
         loss_weights: dict[str, float] | None = None,
+        plan_l1_beta: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
     ) -> None:
@@ -75,7 +77,7 @@ class EgoStatusPlanner(ZooModule):
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         waypoints = self(batch["ego_status"], batch["ego_command"])
-        losses = planning_losses(waypoints, batch)
+        losses = planning_losses(waypoints, batch, l1_beta=self.hparams.plan_l1_beta)
         w = self.loss_weights
         losses["loss"] = w["plan_l1"] * losses["loss_plan_l1"] + w["plan_collision"] * losses["loss_plan_col"]
         return waypoints, losses

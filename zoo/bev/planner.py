@@ -1,12 +1,20 @@
 """The planning head on BEVFormer (VAD's design, hand-written: neither VAD nor UniAD is an installable library)
 and its losses.
 
-An ego query, made of a learned embedding, the ego status and the driving command, attends to the agents (the
-detection decoder's last-layer queries with their predicted centres and scores) and then to the BEV, as VAD's
-ego query attends to agent and map queries. It predicts one trajectory per command (VAD) and the command picks
+An ego query, made of a learned embedding, the ego status and the driving command, reads the agents (the
+detection decoder's last-layer queries with their predicted centres, velocities and scores) and then the BEV, as
+VAD's ego query reads agent and map queries. It predicts one trajectory per command (VAD) and the command picks
 one. Each trajectory is a residual on the constant-velocity-and-yaw-rate plan of the current ego status, so an
 untrained head already drives on, and what it learns is when and how much to deviate from that: exactly what
 the ego status alone cannot tell (``zoo.bev.ego_mlp`` is the same head without perception).
+
+Two choices differ from VAD's. Every agent is also placed on the ego's route (``route_features``: where it is,
+and where its velocity takes it, relative to where the ego will be), and an MLP reads each (agent, ego) pair,
+max-pooled over the agents (``EgoAgentInteraction``: the most constraining agent decides), beside the attention
+layers. Measured with ground-truth agents on the planning scenes (the head alone, 48 training scenes, 1,000
+steps; reactive test samples, L2 at 3 s against constant velocity's 3.55 m; ``tests/bev/test_planning_quality.py``
+trains it so): attention alone, route features in its agent tokens or not, 2.6 m; the pooled pair MLP without
+route features, 2.5 m; with them, 0.53 m, and 2% collisions against 65%.
 """
 
 from __future__ import annotations
@@ -15,18 +23,61 @@ import torch
 from torch import nn
 
 from zoo.bev.geometry import reference_points_2d
-from zoo.bev.trajectory import EGO_SIZE, EGO_STATUS_DIMS, constant_velocity_plan
+from zoo.bev.trajectory import EGO_SIZE, EGO_STATUS_DIMS, constant_velocity_plan, route_coordinates
 
-__all__ = ["EgoEncoder", "PlanningHead", "collision_loss", "pad_agents", "planning_losses"]
+__all__ = [
+    "EgoAgentInteraction", "EgoEncoder", "PlanningHead", "collision_loss", "pad_agents", "planning_losses",
+    "route_features",
+]  # fmt: skip
 
 #: Scale of each ``ego_status`` entry (metres for past positions, m/s, rad/s, m/s^2) so the MLP sees O(1) inputs.
 STATUS_SCALE = (10.0,) * 8 + (5.0, 0.5, 2.0)
+#: Scale (m/s) of the agents' velocities: a crossing pedestrian is told from a parked one only by its motion.
+AGENT_SPEED_SCALE = 5.0
+#: Seconds ahead at which each agent, moving on at its velocity, is placed relative to the ego on its route.
+CONFLICT_TIMES = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
+#: Width of ``route_features``: a gap and an offset per time, and the velocity along and across the route.
+ROUTE_FEATURES = 3 * len(CONFLICT_TIMES) + 3
+
+
+def route_features(agent_motion: torch.Tensor, ego_status: torch.Tensor) -> torch.Tensor:
+    """(B, Q, ROUTE_FEATURES): each agent relative to the ego's route (``route_coordinates``).
+
+    At each of ``CONFLICT_TIMES`` t, the agent moved on at its velocity for t seconds: its gap along the route to
+    where the ego will be keeping its speed (/ 10 m) and its offset from the route (/ 2 m). A stopped car in the
+    lane has offset 0 and a gap that closes; a pedestrian about to cross reaches offset 0 at some t; a car crossing
+    well ahead of the ego has a large gap when it does. Then its velocity along and across the route (/ 5 m/s)."""
+    speed, yaw_rate = ego_status[:, 8], ego_status[:, 9]
+    centre, velocity = agent_motion[..., :2], agent_motion[..., 2:4]
+    features = []
+    for t in CONFLICT_TIMES:
+        along, offset, _ = route_coordinates(centre + t * velocity, speed, yaw_rate)
+        gap = along - speed[:, None] * t
+        features += [gap / 10.0, offset / 2.0, gap / speed[:, None].clamp(min=0.5) / 3.0]
+    *_, heading = route_coordinates(centre, speed, yaw_rate)
+    cos, sin = torch.cos(heading), torch.sin(heading)
+    features += [
+        (velocity[..., 0] * cos + velocity[..., 1] * sin) / AGENT_SPEED_SCALE,
+        (velocity[..., 1] * cos - velocity[..., 0] * sin) / AGENT_SPEED_SCALE,
+    ]
+    features.append(-torch.sign(features[1]) * features[-1])  # closing in on the route: > 0
+    return torch.stack(features, dim=-1)
 
 
 class EgoEncoder(nn.Module):
-    """Ego status and command -> one query; and (query -> per-command residual waypoints) -> the plan."""
+    """Ego status and command -> one query; and (query -> per-command residual waypoints) -> the plan.
 
-    def __init__(self, embed_dims: int, steps: int = 6, commands: int = 3, dt: float = 0.5) -> None:
+    ``plan_inputs``: the width of what ``plan`` reads, when more than the query (``PlanningHead`` appends what
+    the agents tell the ego)."""
+
+    def __init__(
+        self,
+        embed_dims: int,
+        steps: int = 6,
+        commands: int = 3,
+        dt: float = 0.5,
+        plan_inputs: int | None = None,
+    ) -> None:
         super().__init__()
         self.steps, self.commands, self.dt = steps, commands, dt
         self.register_buffer("status_scale", torch.tensor(STATUS_SCALE), persistent=False)
@@ -35,8 +86,8 @@ class EgoEncoder(nn.Module):
         )
         self.command = nn.Embedding(commands, embed_dims)
         self.trajectory = nn.Sequential(
-            nn.Linear(embed_dims, embed_dims),
-            nn.ReLU(inplace=True),
+            nn.Linear(plan_inputs or embed_dims, embed_dims),
+            nn.GELU(),
             nn.Linear(embed_dims, commands * steps * 2),
         )
         nn.init.zeros_(self.trajectory[-1].weight)  # start from the constant-velocity plan
@@ -53,6 +104,42 @@ class EgoEncoder(nn.Module):
         chosen = steps[torch.arange(batch, device=query.device), command].cumsum(dim=1)
         prior = constant_velocity_plan(ego_status[:, 8], ego_status[:, 9], self.steps, self.dt)
         return prior.to(chosen.dtype) + chosen
+
+
+class EgoAgentInteraction(nn.Module):
+    """Each agent read together with the ego: an MLP of the pair (the agent's place on the route, its predicted
+    motion and a projection of its query; the ego status and command), max-pooled over the agents with the
+    log of each agent's detection score added (a low-score query cannot decide).
+
+    Why not only attention: a dot product of the ego query with agent keys must learn "on my way, this far
+    ahead, at my speed" as a bilinear form, and a softmax average over a hundred agents blurs the one that
+    matters. The pair MLP computes that relation directly from the numbers it depends on, and the max lets the
+    single most constraining agent decide, as a driver brakes for the nearest obstacle, not the average one
+    (PointNet's and VectorNet's pooling)."""
+
+    def __init__(self, embed_dims: int, commands: int = 3, query_dims: int = 16) -> None:
+        super().__init__()
+        self.commands = commands
+        self.query = nn.Linear(embed_dims, query_dims)
+        width = 2 * embed_dims
+        inputs = ROUTE_FEATURES + 5 + query_dims + EGO_STATUS_DIMS + commands
+        self.pair = nn.Sequential(
+            nn.Linear(inputs, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
+        )
+        self.register_buffer("status_scale", torch.tensor(STATUS_SCALE), persistent=False)
+
+    def forward(
+        self, agent_queries: torch.Tensor, agent_motion: torch.Tensor, agent_scores: torch.Tensor,
+        where: torch.Tensor, ego_status: torch.Tensor, command: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """-> (B, 2 C): what the most constraining agents tell the ego."""
+        ego = torch.cat([ego_status / self.status_scale, nn.functional.one_hot(command, self.commands)], -1)
+        agent = torch.cat([
+            route_features(agent_motion, ego_status), where, agent_motion[..., 2:4] / AGENT_SPEED_SCALE,
+            agent_scores[..., None], self.query(agent_queries),
+        ], -1)  # fmt: skip
+        pairs = self.pair(torch.cat([agent, ego[:, None].expand(-1, agent.shape[1], -1).to(agent.dtype)], -1))
+        return (pairs + torch.log(agent_scores.clamp(min=1e-4))[..., None]).amax(dim=1)
 
 
 class _PlannerLayer(nn.Module):
@@ -74,7 +161,8 @@ class _PlannerLayer(nn.Module):
 
 
 class PlanningHead(nn.Module):
-    """Ego query -> agents -> BEV attention, ``layers`` times; then the command's trajectory.
+    """Ego query -> agents -> BEV attention, ``layers`` times, beside the pooled (agent, ego) pairs
+    (``EgoAgentInteraction``); the command's trajectory is read from both.
 
     Args:
         embed_dims: the BEV's and the detection queries' width.
@@ -88,9 +176,10 @@ class PlanningHead(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         self.bev_shape = tuple(bev_shape)
-        self.ego = EgoEncoder(embed_dims, steps, commands, dt)
+        self.ego = EgoEncoder(embed_dims, steps, commands, dt, plan_inputs=3 * embed_dims)
         self.ego_embedding = nn.Parameter(torch.zeros(1, embed_dims))
-        self.agent_in = nn.Linear(embed_dims + 3, embed_dims)
+        self.agent_in = nn.Linear(embed_dims + 5, embed_dims)
+        self.interaction = EgoAgentInteraction(embed_dims, commands)
         self.position = nn.Sequential(
             nn.Linear(2, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims)
         )
@@ -102,19 +191,22 @@ class PlanningHead(nn.Module):
         self.register_buffer("range_half", (high - low) / 2, persistent=False)
 
     def forward(
-        self, bev: torch.Tensor, agent_queries: torch.Tensor, agent_centres: torch.Tensor,
+        self, bev: torch.Tensor, agent_queries: torch.Tensor, agent_motion: torch.Tensor,
         agent_scores: torch.Tensor, ego_status: torch.Tensor, command: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
-        """``bev`` (B, H*W, C), ``agent_queries`` (B, Q, C), ``agent_centres`` (B, Q, 2) metres,
-        ``agent_scores`` (B, Q) best class probability, ``ego_status`` (B, 11), ``command`` (B,) -> (B, 6, 2)."""
+        """``bev`` (B, H*W, C), ``agent_queries`` (B, Q, C), ``agent_motion`` (B, Q, 4) predicted centre (m)
+        and velocity (m/s) ``x, y, vx, vy``, ``agent_scores`` (B, Q) best class probability, ``ego_status``
+        (B, 11), ``command`` (B,) -> (B, 6, 2)."""
         bev = bev + self.position(self.cells.to(bev.dtype))
-        where = (agent_centres - self.range_centre) / self.range_half
-        agents = self.agent_in(torch.cat([agent_queries, where, agent_scores[..., None]], dim=-1))
+        where = (agent_motion[..., :2] - self.range_centre) / self.range_half
+        velocity = agent_motion[..., 2:4] / AGENT_SPEED_SCALE
+        agents = self.agent_in(torch.cat([agent_queries, where, velocity, agent_scores[..., None]], -1))
         agents = agents + self.position(where)
         query = (self.ego.query(ego_status, command) + self.ego_embedding)[:, None]
         for layer in self.layers:
             query = layer(query, agents, bev)
-        return self.ego.plan(query[:, 0], ego_status, command)
+        relation = self.interaction(agent_queries, agent_motion, agent_scores, where, ego_status, command)
+        return self.ego.plan(torch.cat([query[:, 0], relation], -1), ego_status, command)
 
 
 def pad_agents(
@@ -147,10 +239,22 @@ def collision_loss(waypoints: torch.Tensor, agents: torch.Tensor, masks: torch.T
 
 
 def planning_losses(
-    waypoints: torch.Tensor, batch: dict, collision_margin: float = 0.5
+    waypoints: torch.Tensor, batch: dict, collision_margin: float = 0.5, l1_beta: float = 1.0
 ) -> dict[str, torch.Tensor]:
-    """``loss_plan_l1``: L1 on the valid waypoints (mean over them); ``loss_plan_col``: ``collision_loss``."""
+    """``loss_plan_l1``: L1 on the valid waypoints (x and y summed, mean over waypoints), smoothed to a square
+    within ``l1_beta`` metres of the target (Huber; ``l1_beta=0`` is plain L1); ``loss_plan_col``:
+    ``collision_loss``.
+
+    Why smoothed: most samples' targets are exactly the head's constant-velocity prior (a residual of zero), and
+    plain L1 pulls every such sample to zero residual with a full unit gradient however close it already is.
+    With four in five samples pulling so, a VAD-style attention-only head with a ReLU trajectory MLP collapsed
+    onto the prior for every sample, reactive ones included (its hidden units died). The square near the target
+    lets those samples' pull fade, so the few that must react are heard; ``PlanningHead`` learns with either.
+    """
     mask = batch["ego_fut_mask"].to(waypoints.dtype)
-    l1 = ((waypoints - batch["ego_fut"]).abs().sum(-1) * mask).sum() / mask.sum().clamp(min=1)
+    error = nn.functional.smooth_l1_loss(
+        waypoints, batch["ego_fut"].to(waypoints.dtype), reduction="none", beta=l1_beta
+    )
+    l1 = (error.sum(-1) * mask).sum() / mask.sum().clamp(min=1)
     agents, masks = pad_agents(batch["agent_fut"], batch["agent_fut_mask"])
     return {"loss_plan_l1": l1, "loss_plan_col": collision_loss(waypoints, agents, masks, collision_margin)}

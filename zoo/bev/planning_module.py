@@ -36,6 +36,8 @@ class BEVFormerPlanner(BEVFormerDetector):
         perception: a ``BEVFormerDetector`` checkpoint: its network is loaded and frozen, and only the planner
             trains (the detection loss is then only logged); ``None`` trains both together.
         planner_kwargs: ``PlanningHead`` options (``num_heads``, ``layers``).
+        plan_l1_beta: metres within which the waypoint L1 turns square (Huber; 0: plain L1). See
+            ``zoo.bev.planner.planning_losses`` for why plain L1 collapses the planner onto constant velocity.
     """
 
     progress_bar_metrics = ("val/mAP", "val/plan_L2_3s")
@@ -54,6 +56,7 @@ class BEVFormerPlanner(BEVFormerDetector):
         loss_weights: dict[str, float] | None = None,
         perception: str | None = None,
         planner_kwargs: dict | None = None,
+        plan_l1_beta: float = 1.0,
         compile: bool | dict = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
@@ -118,7 +121,8 @@ class BEVFormerPlanner(BEVFormerDetector):
             bev = self.model.encode(images, lidar2img, can_bus, prev_exists)
             logits, codes, queries = self.model.detect(bev, return_queries=True)
         scores = logits[-1].sigmoid().amax(dim=-1)
-        waypoints = self.planner(bev, queries, codes[-1][..., :2], scores, ego_status, ego_command)
+        motion = codes[-1][..., [0, 1, 8, 9]]  # centre x, y and velocity vx, vy
+        waypoints = self.planner(bev, queries, motion, scores, ego_status, ego_command)
         return logits, codes, waypoints
 
     def example_inputs(self, batch_size: int = 2) -> tuple[torch.Tensor, ...]:
@@ -153,7 +157,7 @@ class BEVFormerPlanner(BEVFormerDetector):
     def _losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], list, list, torch.Tensor]:
         logits, codes, waypoints = self(*(batch[key] for key in PLANNER_INPUTS))
         detection = self.model.head.loss(logits, codes, batch["gt_boxes"], batch["gt_labels"])
-        planning = planning_losses(waypoints, batch)
+        planning = planning_losses(waypoints, batch, l1_beta=self.hparams.plan_l1_beta)
         weights = self.loss_weights
         loss = (
             weights["plan_l1"] * planning["loss_plan_l1"]

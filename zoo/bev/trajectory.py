@@ -15,6 +15,7 @@ __all__ = [
     "constant_velocity_plan",
     "deviates_from_constant_velocity",
     "ego_boxes",
+    "route_coordinates",
     "waypoint_headings",
 ]
 
@@ -42,6 +43,29 @@ def constant_velocity_plan(
     x = torch.where(straight, distance, torch.sin(angle) / safe)
     y = torch.where(straight, torch.zeros_like(distance), (1 - torch.cos(angle)) / safe)
     return torch.stack([x, y], dim=-1)
+
+
+def route_coordinates(
+    points: torch.Tensor, speed: torch.Tensor, yaw_rate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where ``points`` (B, ..., 2) lie relative to the route the ego drives keeping its speed and yaw rate (the
+    arc of ``constant_velocity_plan``): arc length ``s`` along it from the ego, signed offset ``l`` from it (left
+    positive), and the route's heading at ``s`` (Frenet coordinates; a straight route gives x, y and 0).
+
+    What a planner must know of an agent is whether it is, or will be, on the ego's way, and how far along;
+    in the ego's Cartesian frame that depends on the ego's own curvature, in these coordinates it does not."""
+    shape = (-1,) + (1,) * (points.dim() - 2)
+    curvature = (yaw_rate / speed.clamp(min=0.5)).reshape(shape)
+    straight = curvature.abs() < 1e-4
+    radius = 1 / torch.where(
+        straight, torch.ones_like(curvature), curvature
+    )  # signed: the centre is (0, radius)
+    dx, dy = points[..., 0], points[..., 1] - radius
+    along = radius * torch.atan2(radius * dx, -radius * dy)
+    offset = torch.sign(radius) * (radius.abs() - torch.sqrt(dx**2 + dy**2))
+    s = torch.where(straight, points[..., 0], along)
+    lateral = torch.where(straight, points[..., 1], offset)
+    return s, lateral, torch.where(straight, torch.zeros_like(s), s * curvature)
 
 
 def deviates_from_constant_velocity(
