@@ -17,8 +17,10 @@ its results into the JSON, so the two BEVFormer trainings can run side by side; 
     OMP_NUM_THREADS=1 python benchmarks/bev_planning.py --parts planner       # one part
     python benchmarks/bev_planning.py --table                                 # the table from the JSON
 
-``--plan-l1`` / ``--plan-collision`` set the planner's loss weights (default: the config's 1 and 0.5) and
-``--results`` another JSON, so other weightings can be measured without overwriting the figures.
+``--plan-l1`` / ``--plan-collision`` / ``--plan-l1-beta`` set the planner's loss (default: the config's 1, 0.5
+and 1 m) and ``--results`` another JSON, so other weightings can be measured without overwriting the figures.
+``--perception <root>/detector.ckpt`` (what the detector part keeps) trains the planner on that frozen detector
+instead (``planner_frozen`` in the JSON).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ ROWS = (
     ("const_velocity_yaw_rate", "const. velocity + yaw rate"),
     ("ego_mlp", "ego-status MLP (AD-MLP)"),
     ("planner", "BEV planner (ours)"),
+    ("planner_frozen", "BEV planner, frozen detector"),
 )
 
 
@@ -100,8 +103,11 @@ def bev_kwargs(data: BEVDetectionDataModule) -> dict:
 def run_planner(args, data) -> dict:
     L.seed_everything(args.seed)
     weights = {"detection": 1.0, "plan_l1": args.plan_l1, "plan_collision": args.plan_collision}
-    model = BEVFormerPlanner(**bev_kwargs(data), loss_weights=weights, plan_l1_beta=args.plan_l1_beta)
-    return {"planner": fit_and_test(args, model, data, args.epochs, "planner")}
+    model = BEVFormerPlanner(
+        **bev_kwargs(data), loss_weights=weights, plan_l1_beta=args.plan_l1_beta, perception=args.perception
+    )
+    name = "planner" if args.perception is None else "planner_frozen"
+    return {name: fit_and_test(args, model, data, args.epochs, name)}
 
 
 def run_detector(args, data) -> dict:
@@ -186,6 +192,11 @@ def main() -> None:
     parser.add_argument("--plan-collision", type=float, default=0.5, help="its collision loss weight")
     parser.add_argument(
         "--plan-l1-beta", type=float, default=1.0, help="Huber width (m) of the waypoint L1, 0: L1"
+    )
+    parser.add_argument(
+        "--perception",
+        default=None,
+        help="a BEVFormerDetector checkpoint (the detector part's): freeze it, train the planner alone",
     )
     parser.add_argument("--root", default="runs/bev_planning")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON the parts merge into")
