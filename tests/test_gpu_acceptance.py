@@ -64,7 +64,9 @@ def test_cpu_smoke_gives_every_section_figures_or_a_reasoned_skip(tmp_path):
     sections = result["sections"]
     for variant in ("eager", "compiled"):
         esm = sections["esm2_training"]["figures"][variant]
-        assert esm["tokens_per_s_per_gpu"] > 0 and 0 < esm["mfu"] < 1 and esm["flops_per_batch"] > 0
+        # MFU > 0 only: the CPU's peak is measured here, and on cores shared with other jobs a short peak
+        # measurement can come out below what the training steps reach (MFU 1.7 was seen under pytest-xdist)
+        assert esm["tokens_per_s_per_gpu"] > 0 and esm["mfu"] > 0 and esm["flops_per_batch"] > 0
     vit = sections["vit_training"]["figures"]
     for variant in ("float32", "bf16-mixed channels-last"):
         assert set(vit[variant]["images_per_s"]) == {"plain_pytorch", "zoo_trainer"}
