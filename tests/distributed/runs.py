@@ -17,7 +17,7 @@ def command(out: Path, family: str, strategy: str, steps: int, *extra: str) -> l
 
 def run(out: Path, family: str, strategy: str, steps: int, *extra: str) -> dict:
     done = subprocess.run(
-        command(out, family, strategy, steps, *extra), capture_output=True, text=True, timeout=300
+        command(out, family, strategy, steps, *extra), capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return torch.load(out / "result.pt", weights_only=True)
