@@ -1,6 +1,7 @@
 """Shared fixtures: tiny trainers, data and models, one thread, a private working folder.
 
-Every test starts and ends with the same global torch thread count, whatever it sets inside.
+Every test starts and ends with the same global torch thread count and environment variables, whatever it
+sets inside.
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ def tiny_trainer(root: Path, **kwargs) -> L.Trainer:
 def make_trainer(tmp_path):
     """``make_trainer(max_steps=3, ...)``: a ``tiny_trainer`` in the test's temporary folder."""
     return lambda **kwargs: tiny_trainer(tmp_path, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """No test leaves an environment variable for the next one: an in-process DDP run sets ``MASTER_PORT``,
+    ``PL_GLOBAL_SEED`` and ``PL_SEED_WORKERS``, which every later ``zoo fit`` subprocess of the worker would
+    otherwise inherit."""
+    environment = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 @pytest.fixture(autouse=True)

@@ -253,8 +253,8 @@ class ZooModule(LightningModule):
         """A run resumed mid-epoch gets back the training metrics' states of the batches it had seen. Not in
         ``on_fit_start``: FSDP2 and DeepSpeed load the checkpoint after that hook."""
         pending, self._pending_metric_states = getattr(self, "_pending_metric_states", None), None
-        if pending and (self._trainer is None or self.trainer.is_global_zero):
-            self._load_metric_states(pending)
+        if pending:
+            self._restore_metric_states(pending)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """A run resumed mid-epoch gets back, before its first batch logs, the epoch's running ``self.log``
@@ -269,20 +269,37 @@ class ZooModule(LightningModule):
                 for name, metric in self.metrics[key].items(keep_base=True, copy_state=False):
                     yield f"{key}.{name}", metric
 
-    def _metric_states(self) -> dict[str, dict[str, Any]]:
-        """The training metrics' accumulated states (epoch-level values of a run killed mid-epoch). Under several
-        processes they are synchronised first and restored on rank 0 alone, so the totals count every batch
-        once."""
-        states = {}
+    def _metric_states(self) -> dict[str, Any]:
+        """The training metrics' accumulated states (epoch-level values of a run killed mid-epoch): each rank's
+        own (``ranks``), so a run resumed on as many processes adds its batches in the same order as the
+        uninterrupted one, bit for bit; and their synchronised total (``merged``), restored on rank 0 alone
+        when the run resumes on another number of processes, so the totals still count every batch once."""
+        own, merged = {}, {}
         distributed = self._trainer is not None and self.trainer.world_size > 1
         for name, metric in self._training_metrics():
+            own[name] = _metric_state(metric)
             if distributed and metric.update_count:
                 metric.sync(should_sync=True, distributed_available=lambda: True)
-            states[name] = {"update_count": metric.update_count}
-            states[name].update({state: _detached(getattr(metric, state)) for state in metric._defaults})
+            merged[name] = _metric_state(metric)
             if distributed and metric._is_synced:
                 metric.unsync()
-        return states
+        if not distributed:
+            return {"ranks": [own], "merged": merged}
+        import torch.distributed as dist
+
+        gathered: list[dict[str, Any] | None] = [None] * self.trainer.world_size
+        dist.all_gather_object(gathered, own)  # every rank: Lightning dumps the checkpoint on all of them
+        return {"ranks": gathered, "merged": merged}
+
+    def _restore_metric_states(self, saved: dict[str, Any]) -> None:
+        ranks = saved.get("ranks") or []
+        world_size, rank = (
+            (1, 0) if self._trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+        )
+        if len(ranks) == world_size:
+            self._load_metric_states(ranks[rank])
+        elif rank == 0:  # another number of processes: rank 0 carries the total
+            self._load_metric_states(saved.get("merged", saved))  # a flat dict: written before ``ranks``
 
     def _load_metric_states(self, states: dict[str, dict[str, Any]]) -> None:
         for name, metric in self._training_metrics():
@@ -583,8 +600,19 @@ def _restore_logged_epoch_values(trainer, saved: dict[str, Any]) -> None:
     trainer._logger_connector._first_loop_iter = False
 
 
+def _metric_state(metric: Metric) -> dict[str, Any]:
+    """A torchmetrics ``Metric``'s accumulated state."""
+    return {
+        "update_count": metric.update_count,
+        **{state: _detached(getattr(metric, state)) for state in metric._defaults},
+    }
+
+
 def _detached(value):
-    return [v.detach().clone() for v in value] if isinstance(value, list) else value.detach().clone()
+    """Detached CPU copies: gathered from every rank into rank 0's checkpoint, whatever their device."""
+    return (
+        [v.detach().cpu().clone() for v in value] if isinstance(value, list) else value.detach().cpu().clone()
+    )
 
 
 def rename_keys(state: dict[str, Any], renames: Iterable[tuple[str, str]]) -> dict[str, Any]:
