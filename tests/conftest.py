@@ -15,6 +15,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
+#: Seconds a test's ``zoo fit`` subprocess (2 ranks, or a kill-and-resume run) gets before it counts as hung:
+#: about a minute alone, several times that on CI's 2 cores beside the other xdist worker.
+SUBPROCESS_TIMEOUT = 600
 #: ``zoo`` command-line overrides that make configs/bev/bevformer_cpu.yaml a seconds-long run: one small scene
 #: of two frames per split, one sample a batch
 TINY_BEV_ARGS = [
@@ -73,9 +76,11 @@ def make_trainer(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _restore_environment():
-    """No test leaves an environment variable for the next one: an in-process DDP run sets ``MASTER_PORT``,
-    ``PL_GLOBAL_SEED`` and ``PL_SEED_WORKERS``, which every later ``zoo fit`` subprocess of the worker would
-    otherwise inherit."""
+    """No test leaves an environment variable for the next one. An in-process DDP test sets ``MASTER_PORT``
+    (and ``PL_GLOBAL_SEED``), and its rendezvous store can stay open in the worker on that port. Left set, every
+    later 2-process ``zoo fit`` of the worker inherited the port: its rank 0 could not bind it and exited, and
+    its rank 1 joined the worker's stale store and waited until the test's timeout (measured: ``ss`` showed the
+    pytest worker listening on the port the hung rank was connected to)."""
     environment = dict(os.environ)
     yield
     os.environ.clear()

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from timm.utils.model_ema import ModelEmaV3
 
 from tests.callbacks.callback_testing import TinyClassifier, tiny_loader
+from tests.conftest import SUBPROCESS_TIMEOUT
 from zoo.callbacks import EMA
 
 pytestmark = pytest.mark.distributed
@@ -63,7 +64,7 @@ def _run_fsdp2(out_dir, max_steps: int, resume_from=None) -> dict:
     args = [sys.executable, str(script), str(out_dir), str(max_steps)]
     if resume_from is not None:
         args.append(str(resume_from))
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return torch.load(out_dir / "result.pt", weights_only=True)
 

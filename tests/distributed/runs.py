@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from tests.conftest import SUBPROCESS_TIMEOUT
+
 SCRIPT = Path(__file__).with_name("train_run.py")
 
 
@@ -17,7 +19,10 @@ def command(out: Path, family: str, strategy: str, steps: int, *extra: str) -> l
 
 def run(out: Path, family: str, strategy: str, steps: int, *extra: str) -> dict:
     done = subprocess.run(
-        command(out, family, strategy, steps, *extra), capture_output=True, text=True, timeout=600
+        command(out, family, strategy, steps, *extra),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return torch.load(out / "result.pt", weights_only=True)

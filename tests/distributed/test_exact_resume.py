@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from tests.conftest import SUBPROCESS_TIMEOUT
 from tests.distributed.runs import command, run
 
 pytestmark = pytest.mark.distributed
@@ -25,7 +26,7 @@ def kill_after_checkpoint(out, family: str, step: int) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 600  # generous: CI cores may be shared
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
     try:
         while not list((out / "checkpoints").glob(f"*step={step}*.ckpt")):
             assert process.poll() is None, "the run ended before it could be killed"

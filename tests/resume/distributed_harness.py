@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT
 from tests.resume.harness import QUIET, _equal, assert_same_checkpoints_and_logs
 from zoo.checkpointing import consolidate_checkpoint
 from zoo.resume import find_last_checkpoint
@@ -36,7 +36,7 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def zoo_fit_group(root: Path, *args: str, timeout: float = 600) -> tuple[int, str]:
+def zoo_fit_group(root: Path, *args: str, timeout: float = SUBPROCESS_TIMEOUT) -> tuple[int, str]:
     """``python -m zoo fit ARGS`` in a new session: its ranks (Lightning launches rank 1 as a child) and any
     process they start share one process group. Returns the exit status and the output once every process
     of the group has ended; a run still going after ``timeout`` seconds is killed as a group and fails the

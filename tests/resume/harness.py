@@ -10,13 +10,15 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SUBPROCESS_TIMEOUT
 from zoo.resume import find_last_checkpoint
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
-def zoo_fit(root: Path, *args: str, expect: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+def zoo_fit(
+    root: Path, *args: str, expect: int = 0, timeout: int = SUBPROCESS_TIMEOUT
+) -> subprocess.CompletedProcess:
     """``python -m zoo fit ARGS`` with its runs under ``root``; one thread, as two tests may run at once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-m", "zoo", "fit", *args, f"--trainer.default_root_dir={root}", *QUIET]

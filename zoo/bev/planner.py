@@ -64,6 +64,11 @@ def route_features(agent_motion: torch.Tensor, ego_status: torch.Tensor) -> torc
     return torch.stack(features, dim=-1)
 
 
+def scaled_status(ego_status: torch.Tensor) -> torch.Tensor:
+    """The ego status with each entry divided by its typical magnitude (``STATUS_SCALE``), as networks read it."""
+    return ego_status / ego_status.new_tensor(STATUS_SCALE)
+
+
 class EgoEncoder(nn.Module):
     """Ego status and command -> one query; and (query -> per-command residual waypoints) -> the plan.
 
@@ -80,7 +85,6 @@ class EgoEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.steps, self.commands, self.dt = steps, commands, dt
-        self.register_buffer("status_scale", torch.tensor(STATUS_SCALE), persistent=False)
         self.status = nn.Sequential(
             nn.Linear(EGO_STATUS_DIMS, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims)
         )
@@ -95,7 +99,7 @@ class EgoEncoder(nn.Module):
 
     def query(self, ego_status: torch.Tensor, command: torch.Tensor) -> torch.Tensor:
         """(B, C)."""
-        return self.status(ego_status / self.status_scale) + self.command(command)
+        return self.status(scaled_status(ego_status)) + self.command(command)
 
     def plan(self, query: torch.Tensor, ego_status: torch.Tensor, command: torch.Tensor) -> torch.Tensor:
         """(B, steps, 2): the commanded trajectory; the residual is per-step displacement, summed up."""
@@ -126,14 +130,13 @@ class EgoAgentInteraction(nn.Module):
         self.pair = nn.Sequential(
             nn.Linear(inputs, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
         )
-        self.register_buffer("status_scale", torch.tensor(STATUS_SCALE), persistent=False)
 
     def forward(
         self, agent_queries: torch.Tensor, agent_motion: torch.Tensor, agent_scores: torch.Tensor,
         where: torch.Tensor, ego_status: torch.Tensor, command: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
         """-> (B, 2 C): what the most constraining agents tell the ego."""
-        ego = torch.cat([ego_status / self.status_scale, nn.functional.one_hot(command, self.commands)], -1)
+        ego = torch.cat([scaled_status(ego_status), nn.functional.one_hot(command, self.commands)], -1)
         agent = torch.cat([
             route_features(agent_motion, ego_status), where, agent_motion[..., 2:4] / AGENT_SPEED_SCALE,
             agent_scores[..., None], self.query(agent_queries),
