@@ -97,6 +97,9 @@ def _latent_diffusion(root, autoencoder: str) -> LatentDiffusion:
 
 
 @pytest.mark.slow
+# the suite's longest test: 14.3 minutes on one thread of a fresh-clone `make test` here, near the 15-minute
+# default that fails a hung test
+@pytest.mark.timeout(1800)
 def test_samples_of_a_briefly_trained_ldm_are_recognised_as_their_class(tmp_path):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         # run alone, the UNet at batch 64 uses both cores (the family's fixture restores one after); beside
