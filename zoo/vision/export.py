@@ -62,7 +62,8 @@ def classifier_graph(network: nn.Module, example_inputs) -> ExportGraph:
     fly can then round to the neighbouring int8 step. torchao's per-token scales (one per row, set by the row's
     largest value) leave many values near a rounding boundary: a few flips moved a 12-block DeiT-Ti's logits by
     up to 4% of their standard deviation. ``torch.ao``'s per-tensor scales make flips rarer, not impossible:
-    its ONNX files matched to 1e-7 on an AVX-512 CPU, and a pruned 2-block DeiT-Ti's by 0.008 on an AVX2 one.
+    its ONNX files matched to 1e-7 where first measured, and a pruned 2-block DeiT-Ti's by 0.008 on an AVX2-only
+    AMD EPYC.
     """
     network = exportable_network(network)
     graph = default_graph(network, example_inputs, name="classifier", output_name="logits")
