@@ -3,7 +3,8 @@
 Trains, on the same data (``BEVDetectionDataModule(planning=True)``, the data of
 ``configs/bev/bevformer_planning.yaml``) and evaluates on its test split:
 
-- ``planner``: ``BEVFormerPlanner``, detection and planning trained jointly (the config's loss weights);
+- ``planner``: ``BEVFormerPlanner``, detection and planning trained jointly (the config's loss weights), tested
+  with its safety brake (``zoo.bev.safety_brake``) and without it (``planner_network``: the network's plan);
 - ``detector``: ``BEVFormerDetector`` alone, the same network, schedule and seed (detection mAP without the head);
 - ``baselines``: constant velocity (straight on at the current speed), constant velocity and yaw rate, and the
   ego-status MLP (``EgoStatusPlanner``: past ego states and the command, no perception; AD-MLP / Ego-MLP).
@@ -20,7 +21,8 @@ its results into the JSON, so the two BEVFormer trainings can run side by side; 
 ``--plan-l1`` / ``--plan-collision`` / ``--plan-l1-beta`` set the planner's loss (default: the config's 1, 0.5
 and 1 m) and ``--results`` another JSON, so other weightings can be measured without overwriting the figures.
 ``--perception <root>/detector.ckpt`` (what the detector part keeps) trains the planner on that frozen detector
-instead (``planner_frozen`` in the JSON).
+instead (``planner_frozen`` in the JSON). ``--checkpoint <root>/planner.ckpt`` tests a planner those runs kept,
+training nothing (``--brake-margin`` / ``--brake-score-threshold`` then set its brake).
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ ROWS = (
     ("const_velocity", "constant velocity"),
     ("const_velocity_yaw_rate", "const. velocity + yaw rate"),
     ("ego_mlp", "ego-status MLP (AD-MLP)"),
+    ("planner_network", "BEV planner, network only"),
     ("planner", "BEV planner (ours)"),
+    ("planner_frozen_network", "frozen detector, network only"),
     ("planner_frozen", "BEV planner, frozen detector"),
 )
 
@@ -79,6 +83,10 @@ def trainer(args, epochs: int) -> L.Trainer:
     )  # fmt: skip
 
 
+def test(args, model, data) -> dict:
+    return {k: float(v) for k, v in trainer(args, 1).test(model, data, verbose=False)[0].items()}
+
+
 def fit_and_test(args, model, data, epochs: int, name: str) -> dict:
     """Train, keep the checkpoint (``<root>/<name>.ckpt``: a detector can be a frozen ``perception``), test."""
     L.seed_everything(args.seed)
@@ -87,12 +95,20 @@ def fit_and_test(args, model, data, epochs: int, name: str) -> dict:
     fit.fit(model, data)
     wall = time.perf_counter() - start
     fit.save_checkpoint(Path(args.root) / f"{name}.ckpt")
-    metrics = trainer(args, 1).test(model, data, verbose=False)[0]
-    return {
-        "steps": fit.global_step,
-        "wall_s": round(wall, 1),
-        "metrics": {k: float(v) for k, v in metrics.items()},
-    }
+    return {"steps": fit.global_step, "wall_s": round(wall, 1), "metrics": test(args, model, data)}
+
+
+def test_planner(args, model: BEVFormerPlanner, data, run: dict, name: str) -> dict:
+    """``run`` (the braked plan's test) and ``<name>_network``: the same planner tested without its brake."""
+    model.hparams.safety_brake = False
+    network = {**run, "metrics": test(args, model, data)}
+    model.hparams.safety_brake = True
+    brake = {k: model.hparams[k] for k in ("brake_margin", "brake_score_threshold")}
+    return {name: {**run, "brake": brake}, f"{name}_network": network}
+
+
+def brake_settings(args) -> dict:
+    return {"brake_margin": args.brake_margin, "brake_score_threshold": args.brake_score_threshold}
 
 
 def bev_kwargs(data: BEVDetectionDataModule) -> dict:
@@ -104,10 +120,20 @@ def run_planner(args, data) -> dict:
     L.seed_everything(args.seed)
     weights = {"detection": 1.0, "plan_l1": args.plan_l1, "plan_collision": args.plan_collision}
     model = BEVFormerPlanner(
-        **bev_kwargs(data), loss_weights=weights, plan_l1_beta=args.plan_l1_beta, perception=args.perception
-    )
+        **bev_kwargs(data), loss_weights=weights, plan_l1_beta=args.plan_l1_beta, perception=args.perception,
+        **brake_settings(args),
+    )  # fmt: skip
     name = "planner" if args.perception is None else "planner_frozen"
-    return {name: fit_and_test(args, model, data, args.epochs, name)}
+    return test_planner(args, model, data, fit_and_test(args, model, data, args.epochs, name), name)
+
+
+def test_checkpoint(args, data) -> dict:
+    """A planner a run kept, tested with and without its brake; its training figures stay in the JSON."""
+    model = BEVFormerPlanner.load_from_checkpoint(args.checkpoint, map_location="cpu", **brake_settings(args))
+    name = Path(args.checkpoint).stem
+    previous = json.loads(args.results.read_text()).get(name, {}) if args.results.exists() else {}
+    run = {**previous, "metrics": test(args, model, data)}
+    return test_planner(args, model, data, run, name)
 
 
 def run_detector(args, data) -> dict:
@@ -198,6 +224,11 @@ def main() -> None:
         default=None,
         help="a BEVFormerDetector checkpoint (the detector part's): freeze it, train the planner alone",
     )
+    parser.add_argument("--brake-margin", type=float, default=0.5, help="metres around each detection")
+    parser.add_argument("--brake-score-threshold", type=float, default=0.3, help="detections the brake obeys")
+    parser.add_argument(
+        "--checkpoint", help="a planner checkpoint (planner.ckpt) to test instead of training"
+    )
     parser.add_argument("--root", default="runs/bev_planning")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON the parts merge into")
     parser.add_argument("--table", action="store_true", help="print the table from the JSON, train nothing")
@@ -206,12 +237,16 @@ def main() -> None:
         torch.set_num_threads(1)
         data = make_data(args)
         data.setup("fit")
-        runners = {"planner": run_planner, "detector": run_detector, "baselines": run_baselines}
-        for part in args.parts.split(","):
+        runners = {
+            "planner": run_planner, "detector": run_detector, "baselines": run_baselines, "checkpoint": test_checkpoint
+        }  # fmt: skip
+        parts = ["checkpoint"] if args.checkpoint else args.parts.split(",")
+        for part in parts:
             found = runners[part](args, data)
             results = json.loads(args.results.read_text()) if args.results.exists() else {}
             results.update(found)
-            results["setup"] = {k: getattr(args, k) for k in SETUP}
+            if part != "checkpoint":  # its training setup is the run's that kept it
+                results["setup"] = {k: getattr(args, k) for k in SETUP}
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=2))
     print(table(json.loads(args.results.read_text())))

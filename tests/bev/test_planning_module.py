@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from zoo.bev import BEVFormerDetector, BEVFormerPlanner, EgoStatusPlanner
+from zoo.bev.planning_metrics import collisions
+from zoo.bev.safety_brake import predicted_footprints
 from zoo.bev.trajectory import constant_velocity_plan
 from zoo.cli import ZooCLI
 from zoo.datamodules import BEVDetectionDataModule
@@ -99,6 +101,23 @@ def test_predict_records_carry_the_plan(make_trainer, single_thread):
     detection_only.setup("fit")
     with pytest.raises(ValueError, match="planning=true"):
         small_planner(data).predict(collate_bev([detection_only.train_set[0]]))
+
+
+def test_the_safety_brake_retimes_the_network_plan_to_clear_the_detections(single_thread):
+    data = small_data()
+    batch = batch_of(data)
+    with torch.no_grad():
+        network = small_planner(data, safety_brake=False).eval().predict(batch)
+        ignoring = small_planner(data, brake_score_threshold=1.01).eval().predict(batch)
+        obeying = small_planner(data, brake_score_threshold=0.0).eval().predict(batch)
+    for plain, unchanged, braked in zip(network, ignoring, obeying):
+        assert torch.equal(plain["plan"], unchanged["plan"])
+        agents, masks = predicted_footprints([braked], score_threshold=0.0, margin=0.5)
+        # every waypoint clears the detections, or holds where the ego stood (hit while stopped: no braking helps)
+        held = torch.cat([torch.zeros(1, 2), braked["plan"][:-1]]).sub(braked["plan"]).abs().amax(-1) < 1e-6
+        assert not (collisions(braked["plan"][None], [agents[0]], [masks[0]])[0] & ~held).any()
+        progress = torch.linalg.vector_norm(braked["plan"], dim=-1)
+        assert torch.all(progress <= torch.linalg.vector_norm(plain["plan"], dim=-1) + 1e-5)
 
 
 def test_ego_status_planner_trains_on_the_same_batches(make_trainer, single_thread):

@@ -11,6 +11,7 @@ from torchmetrics import MetricCollection
 from zoo.bev.module import NETWORK_INPUTS, BEVFormerDetector, _key_frame_only
 from zoo.bev.planner import PlanningHead, planning_losses
 from zoo.bev.planning_metrics import PlanningMetric
+from zoo.bev.safety_brake import brake_before_collision, predicted_footprints
 from zoo.bev.trajectory import EGO_STATUS_DIMS
 from zoo.errors import MissingFileError, ZooError
 from zoo.optim import WarmupCosineLR
@@ -38,6 +39,10 @@ class BEVFormerPlanner(BEVFormerDetector):
         planner_kwargs: ``PlanningHead`` options (``num_heads``, ``layers``).
         plan_l1_beta: metres within which the waypoint L1 turns square (Huber; 0: plain L1). See
             ``zoo.bev.planner.planning_losses`` for why plain L1 collapses the planner onto constant velocity.
+        safety_brake: outside training, slow the plan down along its own path so that the ego clears every
+            detection scoring ``brake_score_threshold`` or more, moved on at its predicted velocity and grown by
+            ``brake_margin`` metres (``zoo.bev.safety_brake``: the network decides to react, geometry where to
+            stop). Validation, test and prediction see the braked plan; the losses the network's.
     """
 
     progress_bar_metrics = ("val/mAP", "val/plan_L2_3s")
@@ -57,6 +62,9 @@ class BEVFormerPlanner(BEVFormerDetector):
         perception: str | None = None,
         planner_kwargs: dict | None = None,
         plan_l1_beta: float = 1.0,
+        safety_brake: bool = True,
+        brake_score_threshold: float = 0.3,
+        brake_margin: float = 0.5,
         compile: bool | dict = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
@@ -95,6 +103,18 @@ class BEVFormerPlanner(BEVFormerDetector):
     def configure_metrics(self) -> MetricCollection:
         """The detector's nuScenes metrics (default group) and the planning metrics (``planning`` group)."""
         return {"": super().configure_metrics(), "planning": MetricCollection({"planning": PlanningMetric()})}
+
+    def safely_braked(
+        self, waypoints: torch.Tensor, detections: list[dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        """``waypoints`` retimed to clear ``detections`` (decoded boxes) when ``safety_brake`` is on."""
+        hp = self.hparams
+        if not hp.safety_brake:
+            return waypoints
+        agents, masks = predicted_footprints(
+            detections, waypoints.shape[1], score_threshold=hp.brake_score_threshold, margin=hp.brake_margin
+        )
+        return brake_before_collision(waypoints, agents.to(waypoints.dtype), masks)
 
     @property
     def frozen_perception(self) -> bool:
@@ -142,7 +162,8 @@ class BEVFormerPlanner(BEVFormerDetector):
                 "with VAD's planning fields); serving requests carry no ego status, so serve the detector config"
             )
         logits, codes, waypoints = self(*(batch[key] for key in PLANNER_INPUTS))
-        return [{**d, "plan": w} for d, w in zip(self._decode(logits[-1], codes[-1]), waypoints)]
+        detections = self._decode(logits[-1], codes[-1])
+        return [{**d, "plan": w} for d, w in zip(detections, self.safely_braked(waypoints, detections))]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """The detector's record with ``"plan"``: the 6 waypoints ``[[x, y], ...]`` (0.5 ... 3 s ahead, the
@@ -189,8 +210,9 @@ class BEVFormerPlanner(BEVFormerDetector):
             {"boxes": b, "labels": lab, "attributes": a}
             for b, lab, a in zip(batch["gt_boxes"], batch["gt_labels"], batch["gt_attributes"])
         ]
-        self.update_metrics(stage, self._decode(logits[-1], codes[-1]), targets)
+        detections = self._decode(logits[-1], codes[-1])
+        self.update_metrics(stage, detections, targets)
         self.update_metrics(
-            stage, waypoints, batch["ego_fut"], batch["ego_fut_mask"], batch["agent_fut"],
+            stage, self.safely_braked(waypoints, detections), batch["ego_fut"], batch["ego_fut_mask"], batch["agent_fut"],
             batch["agent_fut_mask"], batch["reactive"], group="planning",
         )  # fmt: skip
