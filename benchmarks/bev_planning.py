@@ -19,7 +19,8 @@ its results into the JSON, so the two BEVFormer trainings can run side by side; 
     python benchmarks/bev_planning.py --table                                 # the table from the JSON
 
 ``--plan-l1`` / ``--plan-collision`` / ``--plan-l1-beta`` set the planner's loss (default: the config's 1, 0.5
-and 1 m) and ``--results`` another JSON, so other weightings can be measured without overwriting the figures.
+and 1 m), ``--planning-gradient`` how much of it reaches perception, and ``--results`` another JSON, so other
+weightings can be measured without overwriting the figures.
 ``--perception <root>/detector.ckpt`` (what the detector part keeps) trains the planner on that frozen detector
 instead (``planner_frozen`` in the JSON). ``--checkpoint <root>/planner.ckpt`` tests a planner those runs kept,
 training nothing (``--brake-margin`` / ``--brake-score-threshold`` then set its brake).
@@ -52,6 +53,7 @@ SETUP = (
     "plan_l1",
     "plan_collision",
     "plan_l1_beta",
+    "planning_gradient",
 )
 ROWS = (
     ("const_velocity", "constant velocity"),
@@ -121,7 +123,7 @@ def run_planner(args, data) -> dict:
     weights = {"detection": 1.0, "plan_l1": args.plan_l1, "plan_collision": args.plan_collision}
     model = BEVFormerPlanner(
         **bev_kwargs(data), loss_weights=weights, plan_l1_beta=args.plan_l1_beta, perception=args.perception,
-        **brake_settings(args),
+        planning_gradient=args.planning_gradient, **brake_settings(args),
     )  # fmt: skip
     name = "planner" if args.perception is None else "planner_frozen"
     return test_planner(args, model, data, fit_and_test(args, model, data, args.epochs, name), name)
@@ -218,6 +220,9 @@ def main() -> None:
     parser.add_argument("--plan-collision", type=float, default=0.5, help="its collision loss weight")
     parser.add_argument(
         "--plan-l1-beta", type=float, default=1.0, help="Huber width (m) of the waypoint L1, 0: L1"
+    )
+    parser.add_argument(
+        "--planning-gradient", type=float, default=1.0, help="share of the planning gradient into perception"
     )
     parser.add_argument(
         "--perception",

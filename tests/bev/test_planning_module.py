@@ -8,6 +8,7 @@ import torch
 
 from zoo.bev import BEVFormerDetector, BEVFormerPlanner, EgoStatusPlanner
 from zoo.bev.planning_metrics import collisions
+from zoo.bev.planning_module import PLANNER_INPUTS, scale_gradient
 from zoo.bev.safety_brake import predicted_footprints
 from zoo.bev.trajectory import constant_velocity_plan
 from zoo.cli import ZooCLI
@@ -56,6 +57,25 @@ def test_joint_training_updates_perception_and_planner(single_thread):
     assert model.model.bev_embedding.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="unknown keys"):
         small_planner(data, loss_weights={"plan": 1.0})
+
+
+def test_planning_gradient_sets_how_much_of_the_planning_loss_reaches_perception(single_thread):
+    data = small_data()
+    batch = batch_of(data)
+    grads = {}
+    for share in (1.0, 0.25, 0.0):
+        torch.manual_seed(0)
+        model = small_planner(data, planning_gradient=share)
+        torch.nn.init.normal_(
+            model.planner.ego.trajectory[-1].weight, std=0.01
+        )  # zeros pass no gradient back
+        *_, waypoints = model(*(batch[key] for key in PLANNER_INPUTS))
+        waypoints.square().sum().backward()  # a planning loss alone
+        assert model.planner.ego.trajectory[-1].weight.grad.abs().sum() > 0
+        grads[share] = model.model.bev_embedding.weight.grad
+    assert grads[1.0].abs().sum() > 0 and grads[0.0] is None
+    torch.testing.assert_close(grads[0.25], 0.25 * grads[1.0])
+    assert scale_gradient(torch.ones(2), 0.5).tolist() == [1.0, 1.0]  # the forward pass is unchanged
 
 
 def test_frozen_perception_loads_a_detector_and_trains_only_the_planner(

@@ -23,6 +23,13 @@ PLANNER_INPUTS = (*NETWORK_INPUTS, "ego_status", "ego_command")
 DEFAULT_WEIGHTS = {"detection": 1.0, "plan_l1": 1.0, "plan_collision": 0.5}
 
 
+def scale_gradient(tensor: torch.Tensor, share: float) -> torch.Tensor:
+    """``tensor`` unchanged forward; backward passes ``share`` of the gradient (0: detached, 1: all of it)."""
+    if share == 1.0:
+        return tensor
+    return tensor.detach() if share == 0.0 else share * tensor + (1.0 - share) * tensor.detach()
+
+
 class BEVFormerPlanner(BEVFormerDetector):
     """End-to-end driving on BEVFormer: detection plus the ego's 3 s trajectory for a driving command.
 
@@ -37,6 +44,9 @@ class BEVFormerPlanner(BEVFormerDetector):
         perception: a ``BEVFormerDetector`` checkpoint: its network is loaded and frozen, and only the planner
             trains (the detection loss is then only logged); ``None`` trains both together.
         planner_kwargs: ``PlanningHead`` options (``num_heads``, ``layers``).
+        planning_gradient: the share of the planning losses' gradient that flows back into perception through
+            what the planner reads (BEV, queries, boxes, scores): 1 trains end to end as VAD does, 0 lets the
+            planner read a detector that only the detection loss shapes; in between, scaled.
         plan_l1_beta: metres within which the waypoint L1 turns square (Huber; 0: plain L1). See
             ``zoo.bev.planner.planning_losses`` for why plain L1 collapses the planner onto constant velocity.
         safety_brake: outside training, slow the plan down along its own path so that the ego clears every
@@ -61,6 +71,7 @@ class BEVFormerPlanner(BEVFormerDetector):
         loss_weights: dict[str, float] | None = None,
         perception: str | None = None,
         planner_kwargs: dict | None = None,
+        planning_gradient: float = 1.0,
         plan_l1_beta: float = 1.0,
         safety_brake: bool = True,
         brake_score_threshold: float = 0.3,
@@ -142,6 +153,8 @@ class BEVFormerPlanner(BEVFormerDetector):
             logits, codes, queries = self.model.detect(bev, return_queries=True)
         scores = logits[-1].sigmoid().amax(dim=-1)
         motion = codes[-1][..., [0, 1, 8, 9]]  # centre x, y and velocity vx, vy
+        share = self.hparams.planning_gradient
+        bev, queries, motion, scores = (scale_gradient(x, share) for x in (bev, queries, motion, scores))
         waypoints = self.planner(bev, queries, motion, scores, ego_status, ego_command)
         return logits, codes, waypoints
 
@@ -154,7 +167,7 @@ class BEVFormerPlanner(BEVFormerDetector):
         return (*super().example_inputs(batch_size), status, command)
 
     def predict(self, batch: dict) -> list[dict[str, torch.Tensor]]:
-        """Decoded boxes per sample, and its ``plan`` (6, 2)."""
+        """Decoded boxes per sample, and its ``plan`` (6, 2), after the safety brake when it is on."""
         missing = [key for key in PLANNER_INPUTS if key not in batch]
         if missing:
             raise ZooError(
