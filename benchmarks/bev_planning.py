@@ -229,8 +229,8 @@ def main() -> None:
         default=None,
         help="a BEVFormerDetector checkpoint (the detector part's): freeze it, train the planner alone",
     )
-    parser.add_argument("--brake-margin", type=float, default=0.5, help="metres around each detection")
-    parser.add_argument("--brake-score-threshold", type=float, default=0.3, help="detections the brake obeys")
+    parser.add_argument("--brake-margin", type=float, default=2.0, help="metres around each detection")
+    parser.add_argument("--brake-score-threshold", type=float, default=0.4, help="detections the brake obeys")
     parser.add_argument(
         "--checkpoint", help="a planner checkpoint (planner.ckpt) to test instead of training"
     )

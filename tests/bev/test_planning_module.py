@@ -132,7 +132,7 @@ def test_the_safety_brake_retimes_the_network_plan_to_clear_the_detections(singl
         obeying = small_planner(data, brake_score_threshold=0.0).eval().predict(batch)
     for plain, unchanged, braked in zip(network, ignoring, obeying):
         assert torch.equal(plain["plan"], unchanged["plan"])
-        agents, masks = predicted_footprints([braked], score_threshold=0.0, margin=0.5)
+        agents, masks = predicted_footprints([braked], score_threshold=0.0, margin=2.0)  # the default margin
         # every waypoint clears the detections, or holds where the ego stood (hit while stopped: no braking helps)
         held = torch.cat([torch.zeros(1, 2), braked["plan"][:-1]]).sub(braked["plan"]).abs().amax(-1) < 1e-6
         assert not (collisions(braked["plan"][None], [agents[0]], [masks[0]])[0] & ~held).any()

@@ -28,7 +28,7 @@ __all__ = ["brake_before_collision", "predicted_footprints"]
 
 
 def predicted_footprints(
-    detections: list[dict[str, torch.Tensor]], steps: int = 6, dt: float = 0.5, score_threshold: float = 0.3,
+    detections: list[dict[str, torch.Tensor]], steps: int = 6, dt: float = 0.5, score_threshold: float = 0.4,
     margin: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Decoded detections (``boxes`` (K, 9) ``x, y, z, w, l, h, yaw, vx, vy`` and ``scores`` (K,) per sample)
