@@ -222,7 +222,7 @@ def main() -> None:
         "--plan-l1-beta", type=float, default=1.0, help="Huber width (m) of the waypoint L1, 0: L1"
     )
     parser.add_argument(
-        "--planning-gradient", type=float, default=1.0, help="share of the planning gradient into perception"
+        "--planning-gradient", type=float, default=0.1, help="share of the planning gradient into perception"
     )
     parser.add_argument(
         "--perception",

@@ -46,7 +46,8 @@ class BEVFormerPlanner(BEVFormerDetector):
         planner_kwargs: ``PlanningHead`` options (``num_heads``, ``layers``).
         planning_gradient: the share of the planning losses' gradient that flows back into perception through
             what the planner reads (BEV, queries, boxes, scores): 1 trains end to end as VAD does, 0 lets the
-            planner read a detector that only the detection loss shapes; in between, scaled.
+            planner read a detector that only the detection loss shapes; in between, scaled. The default 0.1:
+            on the embedded scenes all of it cost 4 mAP points (two seeds) for no better plan, a tenth under one.
         plan_l1_beta: metres within which the waypoint L1 turns square (Huber; 0: plain L1). See
             ``zoo.bev.planner.planning_losses`` for why plain L1 collapses the planner onto constant velocity.
         safety_brake: outside training, slow the plan down along its own path so that the ego clears every
@@ -71,7 +72,7 @@ class BEVFormerPlanner(BEVFormerDetector):
         loss_weights: dict[str, float] | None = None,
         perception: str | None = None,
         planner_kwargs: dict | None = None,
-        planning_gradient: float = 1.0,
+        planning_gradient: float = 0.1,
         plan_l1_beta: float = 1.0,
         safety_brake: bool = True,
         brake_score_threshold: float = 0.4,
