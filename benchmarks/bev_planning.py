@@ -103,7 +103,7 @@ def fit_and_test(args, model, data, epochs: int, name: str) -> dict:
 def test_planner(args, model: BEVFormerPlanner, data, run: dict, name: str) -> dict:
     """``run`` (the braked plan's test) and ``<name>_network``: the same planner tested without its brake."""
     model.hparams.safety_brake = False
-    network = {**run, "metrics": test(args, model, data)}
+    network = {**{k: v for k, v in run.items() if k != "brake"}, "metrics": test(args, model, data)}
     model.hparams.safety_brake = True
     brake = {k: model.hparams[k] for k in ("brake_margin", "brake_score_threshold")}
     return {name: {**run, "brake": brake}, f"{name}_network": network}
@@ -249,9 +249,10 @@ def main() -> None:
         for part in parts:
             found = runners[part](args, data)
             results = json.loads(args.results.read_text()) if args.results.exists() else {}
+            if part != "checkpoint":  # a tested checkpoint keeps the setup of the run that trained it
+                setup = {k: getattr(args, k) for k in SETUP}
+                found = {key: {**run, "setup": setup} for key, run in found.items()}
             results.update(found)
-            if part != "checkpoint":  # its training setup is the run's that kept it
-                results["setup"] = {k: getattr(args, k) for k in SETUP}
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=2))
     print(table(json.loads(args.results.read_text())))
