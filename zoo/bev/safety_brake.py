@@ -52,10 +52,8 @@ def _along_path(
     ``waypoints`` (B, H, 2), whose vertices lie at ``arc`` (B, H + 1); each box headed as its segment."""
     segment = torch.searchsorted(arc[:, 1:].contiguous(), distance).clamp(max=waypoints.shape[1] - 1)
     start = torch.cat([torch.zeros_like(waypoints[:, :1]), waypoints[:, :-1]], dim=1)
-    begin, end = (
-        start.gather(1, segment[..., None].expand(-1, -1, 2)),
-        waypoints.gather(1, segment[..., None].expand(-1, -1, 2)),
-    )
+    index = segment[..., None].expand(-1, -1, 2)
+    begin, end = start.gather(1, index), waypoints.gather(1, index)
     length = (arc[:, 1:] - arc[:, :-1]).gather(1, segment)
     fraction = ((distance - arc.gather(1, segment)) / length.clamp(min=1e-6)).clamp(0.0, 1.0)
     centre = begin + fraction[..., None] * (end - begin)
